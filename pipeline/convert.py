@@ -1,0 +1,350 @@
+"""Label Studio export -> CoNLL sentences with exact character offsets.
+
+Nothing is lost silently: every span that is not kept as it was annotated
+(dropped, trimmed, re-anchored) is counted and listed in the report with its
+task id, annotation id, offsets and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_json
+from pipeline.conll import Sentence, write_conll
+from pipeline.errors import ConversionError
+from pipeline.labelconfig import LabelConfig, read_label_config
+from pipeline.tags import SCHEMES, spans_to_tags, tag_names
+from pipeline.words import split_at, split_words
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+NEARBY_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    label: str
+    annotation_id: Any = None
+
+
+@dataclass
+class ConvertReport:
+    """Counts per policy and label, plus every span that was changed or dropped."""
+
+    counts: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    splits: Counter = field(default_factory=Counter)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, reason: str, action: str, task_id: Any, span: Span, text: str, **extra: Any) -> None:
+        self.counts[f"spans_{action}:{reason}"] += 1
+        self.spans.append({
+            "task_id": task_id, "annotation_id": span.annotation_id, "start": span.start,
+            "end": span.end, "text": text, "label": span.label, "action": action,
+            "reason": reason, **extra,
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "labels": dict(sorted(self.labels.items())),
+            "splits": dict(self.splits),
+            "spans": self.spans,
+        }
+
+
+def iter_export(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the tasks of a Label Studio JSON export file."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise ConversionError(f"{path}: a Label Studio JSON export is a list of tasks, got {type(data).__name__}")
+    if not data:
+        raise ConversionError(f"{path}: the export holds no tasks")
+    for i, task in enumerate(data):
+        if not isinstance(task, dict):
+            raise ConversionError(f"item {i} is not a task object", field="tasks")
+        yield task
+
+
+def task_text(task: dict[str, Any], data_key: str) -> str:
+    task_id = task.get("id")
+    data = task.get("data")
+    if not isinstance(data, dict) or data_key not in data:
+        raise ConversionError("task has no text", task_id=task_id, field=f"data.{data_key}")
+    text = data[data_key]
+    if not isinstance(text, str):
+        raise ConversionError(f"expected a string, got {type(text).__name__}", task_id=task_id,
+                              field=f"data.{data_key}")
+    return text
+
+
+def choose_annotations(task: dict[str, Any], policy: str, report: ConvertReport) -> list[dict[str, Any]]:
+    """Pick the annotations a task contributes: ground truth, else the latest, or all."""
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise ConversionError("expected a list", task_id=task.get("id"), field="annotations")
+    kept = []
+    for ann in annotations:
+        if ann.get("was_cancelled"):
+            report.counts["annotations_cancelled"] += 1
+        else:
+            kept.append(ann)
+    if not kept:
+        return []
+    if policy == "all":
+        report.counts["annotations_used"] += len(kept)
+        return kept
+    if policy != "ground_truth_or_latest":
+        raise ConversionError(f"unknown annotation policy {policy!r}", field="convert.annotations")
+    truth = [a for a in kept if a.get("ground_truth")]
+    pool = truth or kept
+    chosen = max(pool, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id"))))
+    report.counts["annotations_used"] += 1
+    report.counts["annotations_not_chosen"] += len(kept) - 1
+    return [chosen]
+
+
+def _utf16_to_index(text: str, unit: int) -> int | None:
+    """Code-point index of a UTF-16 code-unit offset, or None if it splits a pair."""
+    units = 0
+    for i, ch in enumerate(text):
+        if units == unit:
+            return i
+        units += 2 if ord(ch) > 0xFFFF else 1
+        if units > unit:
+            return None
+    return len(text) if units == unit else None
+
+
+def _utf16_len(text: str) -> int:
+    return sum(2 if ord(ch) > 0xFFFF else 1 for ch in text)
+
+
+def anchor_span(text: str, span: Span, value_text: str | None, task_id: Any,
+                report: ConvertReport) -> Span | None:
+    """Make ``span`` point at exactly ``value_text`` in ``text``, or drop it.
+
+    Label Studio writes code-point offsets, but some tools and older exports
+    count UTF-16 units (shifted by one per emoji before the span); and edited
+    texts move spans a few characters. Both are repaired and reported.
+    """
+    if value_text is None or text[span.start:span.end] == value_text:
+        return span
+    start, end = _utf16_to_index(text, span.start), _utf16_to_index(text, span.end)
+    if start is not None and end is not None and text[start:end] == value_text:
+        fixed = Span(start, end, span.label, span.annotation_id)
+        report.record("utf16_offsets", "changed", task_id, span, value_text, new_start=start, new_end=end)
+        return fixed
+    lo = max(0, span.start - NEARBY_CHARS)
+    hi = min(len(text), span.end + NEARBY_CHARS)
+    best = None
+    pos = text.find(value_text, lo, hi) if value_text else -1
+    while pos != -1:
+        if best is None or abs(pos - span.start) < abs(best - span.start):
+            best = pos
+        pos = text.find(value_text, pos + 1, hi)
+    if best is not None:
+        fixed = Span(best, best + len(value_text), span.label, span.annotation_id)
+        report.record("shifted", "changed", task_id, span, value_text, new_start=fixed.start, new_end=fixed.end)
+        return fixed
+    report.record("text_mismatch", "dropped", task_id, span, value_text,
+                  found=text[span.start:span.end])
+    return None
+
+
+def extract_spans(task: dict[str, Any], annotation: dict[str, Any], text: str, config: LabelConfig,
+                  unknown_label: str, report: ConvertReport) -> list[Span]:
+    task_id = task.get("id")
+    results = annotation.get("result") or []
+    spans = []
+    for j, item in enumerate(results):
+        where = f"annotations[id={annotation.get('id')}].result[{j}]"
+        if item.get("type") != "labels" or item.get("from_name") != config.from_name:
+            report.counts[f"results_ignored:{item.get('type', 'unknown')}"] += 1
+            continue
+        value = item.get("value")
+        if not isinstance(value, dict):
+            raise ConversionError("missing 'value'", task_id=task_id, field=where)
+        start, end = value.get("start"), value.get("end")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+            raise ConversionError(f"start/end must be integers, got {start!r}/{end!r}", task_id=task_id,
+                                  field=f"{where}.value")
+        if start < 0 or end <= start:
+            raise ConversionError(f"offsets {start}..{end} are negative or reversed", task_id=task_id,
+                                  field=f"{where}.value")
+        if end > max(len(text), _utf16_len(text)):
+            raise ConversionError(f"offsets {start}..{end} lie outside the text (length {len(text)})",
+                                  task_id=task_id, field=f"{where}.value")
+        labels = value.get("labels") or []
+        if len(labels) != 1:
+            span = Span(start, end, "|".join(map(str, labels)), annotation.get("id"))
+            report.record("not_one_label", "dropped", task_id, span, text[start:end])
+            continue
+        label = labels[0]
+        if label not in config.labels:
+            if unknown_label == "ignore":
+                report.record("unknown_label", "dropped", task_id, Span(start, end, label, annotation.get("id")),
+                              text[start:end])
+                continue
+            raise ConversionError(f"label {label!r} is not in the label config {list(config.labels)}",
+                                  task_id=task_id, field=f"{where}.value.labels")
+        span = anchor_span(text, Span(start, end, label, annotation.get("id")), value.get("text"), task_id, report)
+        if span is None:
+            continue
+        raw = text[span.start:span.end]
+        stripped = raw.strip()
+        if not stripped:
+            report.record("whitespace_only", "dropped", task_id, span, raw)
+            continue
+        if stripped != raw:
+            new_start = span.start + (len(raw) - len(raw.lstrip()))
+            trimmed = Span(new_start, new_start + len(stripped), label, span.annotation_id)
+            report.record("trimmed_whitespace", "changed", task_id, span, raw,
+                          new_start=trimmed.start, new_end=trimmed.end)
+            span = trimmed
+        spans.append(span)
+    return spans
+
+
+def resolve_overlaps(spans: list[Span], policy: str, task_id: Any, text: str, report: ConvertReport) -> list[Span]:
+    """Keep the longest of overlapping spans (ties: earliest start), or refuse them."""
+    ordered = sorted(set(spans), key=lambda s: (-(s.end - s.start), s.start, s.label))
+    kept: list[Span] = []
+    for span in ordered:
+        clash = next((k for k in kept if span.start < k.end and k.start < span.end), None)
+        if clash is None:
+            kept.append(span)
+            continue
+        if policy == "error":
+            raise ConversionError(f"span {span.start}..{span.end} ({span.label}) overlaps "
+                                  f"{clash.start}..{clash.end} ({clash.label})", task_id=task_id)
+        reason = "duplicate" if (clash.start, clash.end) == (span.start, span.end) else "overlap"
+        report.record(reason, "dropped", task_id, span, text[span.start:span.end],
+                      kept_start=clash.start, kept_end=clash.end, kept_label=clash.label)
+    removed_dupes = len(spans) - len(set(spans))
+    if removed_dupes:
+        report.counts["spans_identical_merged"] += removed_dupes
+    return sorted(kept, key=lambda s: s.start)
+
+
+def tag_sentence(task_id: Any, text: str, spans: list[Span], scheme: str, report: ConvertReport) -> Sentence:
+    """Cut ``text`` into words that never cross a span edge and tag them."""
+    words = split_at(split_words(text), [p for s in spans for p in (s.start, s.end)])
+    first_word = {start: i for i, (start, _) in enumerate(words)}
+    word_ends = {end: i + 1 for i, (_, end) in enumerate(words)}
+    word_spans = []
+    for span in spans:
+        first = next((first_word[p] for p in range(span.start, span.end) if p in first_word), None)
+        last = next((word_ends[p] for p in range(span.end, span.start, -1) if p in word_ends), None)
+        if first is None or last is None or last <= first:
+            report.record("no_words", "dropped", task_id, span, text[span.start:span.end])
+            continue
+        word_spans.append((first, last, span.label))
+        report.labels[span.label] += 1
+    return Sentence(str(task_id), text, words, spans_to_tags(len(words), word_spans, scheme))
+
+
+def split_of(key: str, dev: float, test: float) -> str:
+    """Assign a split from a hash, so a task keeps its side when the export grows."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    if bucket < test:
+        return "test"
+    if bucket < test + dev:
+        return "dev"
+    return "train"
+
+
+def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig, *, scheme: str = "BIO",
+                  overlap: str = "longest", annotations: str = "ground_truth_or_latest",
+                  unknown_label: str = "error", split_key: str = "text", dev: float = 0.1,
+                  test: float = 0.1) -> tuple[dict[str, list[Sentence]], ConvertReport]:
+    """Convert export tasks into train/dev/test sentences and a report."""
+    if scheme not in SCHEMES:
+        raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
+    if split_key not in ("text", "task_id"):
+        raise ConversionError(f"unknown split key {split_key!r}; use 'text' or 'task_id'", field="convert.split.key")
+    report = ConvertReport()
+    splits: dict[str, list[Sentence]] = {name: [] for name in SPLITS}
+    seen_texts: dict[str, tuple[Any, list[str]]] = {}
+    for task in tasks:
+        report.counts["tasks"] += 1
+        task_id = task.get("id")
+        if task_id is None:
+            raise ConversionError("task has no id", field="id")
+        text = task_text(task, config.data_key)
+        chosen = choose_annotations(task, annotations, report)
+        if not chosen:
+            report.counts["tasks_unlabeled"] += 1
+            continue
+        spans = [s for ann in chosen for s in extract_spans(task, ann, text, config, unknown_label, report)]
+        spans = resolve_overlaps(spans, overlap, task_id, text, report)
+        sentence = tag_sentence(task_id, text, spans, scheme, report)
+        if not sentence.words:
+            report.counts["tasks_empty_text"] += 1
+            continue
+        if text in seen_texts:
+            first_id, first_tags = seen_texts[text]
+            report.counts["tasks_duplicate_text"] += 1
+            if first_tags != sentence.tags:
+                report.counts["tasks_duplicate_conflicting_labels"] += 1
+                report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
+                                     "duplicate_of": first_id, "text": text})
+        else:
+            seen_texts[text] = (task_id, sentence.tags)
+        key = text if split_key == "text" else str(task_id)
+        name = split_of(key, dev, test)
+        splits[name].append(sentence)
+        report.splits[name] += 1
+    if report.counts["tasks"] == 0:
+        raise ConversionError("the export holds no tasks")
+    return splits, report
+
+
+def log_summary(report: ConvertReport) -> None:
+    rows = [("tasks", report.counts["tasks"]), ("unlabeled (left for predict)", report.counts["tasks_unlabeled"])]
+    rows += [(f"split {k}", v) for k, v in report.splits.items()]
+    rows += [(k, v) for k, v in sorted(report.counts.items()) if k.startswith(("spans_", "annotations_", "results_"))]
+    rows += [(f"label {k}", v) for k, v in sorted(report.labels.items())]
+    width = max(len(k) for k, _ in rows)
+    log.info("conversion summary\n%s", "\n".join(f"  {k:<{width}}  {v:>7}" for k, v in rows))
+
+
+def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str | Path,
+        report_path: str | Path, **options: Any) -> ConvertReport:
+    """Convert an export file; outputs appear only when the whole export converted."""
+    config = read_label_config(label_config_path)
+    splits, report = convert_tasks(iter_export(export_path), config, **options)
+    conll_dir = Path(conll_dir)
+    for name, sentences in splits.items():
+        write_conll(conll_dir / f"{name}.conll", sentences)
+    write_json(conll_dir / "labels.json", {
+        "scheme": options.get("scheme", "BIO"),
+        "entity_types": list(config.labels),
+        "tags": tag_names(list(config.labels), options.get("scheme", "BIO")),
+    })
+    write_json(report_path, report.to_dict())
+    log_summary(report)
+    return report
+
+
+def main(params: dict[str, Any]) -> None:
+    paths, conf = params["paths"], params["convert"]
+    run(paths["export"], paths["label_config"], paths["conll_dir"], paths["convert_report"],
+        scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
+        unknown_label=conf["unknown_label"], split_key=conf["split"]["key"],
+        dev=conf["split"]["dev"], test=conf["split"]["test"])

@@ -1,0 +1,46 @@
+"""Typed errors: the CLI prints them without a traceback and exits non-zero.
+
+Each carries the place at fault (task id, field, line) so a user can find it
+in a file of thousands of tasks.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for errors caused by input or configuration, not by bugs."""
+
+
+class ParamsError(PipelineError):
+    """A missing or invalid value in ``params.yaml``."""
+
+
+class ConversionError(PipelineError):
+    """An export task (or a CoNLL line) that cannot be converted."""
+
+    def __init__(self, message: str, *, task_id: object = None, field: str | None = None,
+                 line: int | None = None) -> None:
+        where = []
+        if task_id is not None:
+            where.append(f"task {task_id}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        if line is not None:
+            where.append(f"line {line}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.task_id = task_id
+        self.field = field
+        self.line = line
+
+
+class LabelConfigMismatch(PipelineError):
+    """Model labels or region names do not match a Label Studio label config."""
+
+
+class ModelLoadError(PipelineError):
+    """A model folder or pretrained encoder that cannot be loaded."""
+
+
+class LabelStudioError(PipelineError):
+    """Label Studio could not be reached or refused a request."""

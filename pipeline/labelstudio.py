@@ -1,0 +1,88 @@
+"""The only module that talks to Label Studio (through ``label-studio-sdk`` 2.x).
+
+URL and API key come from the environment (``LABEL_STUDIO_URL``,
+``LABEL_STUDIO_API_KEY``), never from params files, and the key is never
+logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.errors import LabelStudioError
+from pipeline.labelconfig import LabelConfig, parse_label_config
+
+log = logging.getLogger(__name__)
+
+URL_ENV = "LABEL_STUDIO_URL"
+KEY_ENV = "LABEL_STUDIO_API_KEY"
+
+
+def _plain(obj: Any) -> Any:
+    """SDK objects are pydantic models; the rest of the pipeline works on plain dicts."""
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+
+
+class LabelStudioClient:
+    """A session with one Label Studio server."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0) -> None:
+        from label_studio_sdk import LabelStudio  # imported here: serving does not need the SDK
+
+        self.url = url.rstrip("/")
+        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LabelStudioClient({self.url!r})"
+
+    @classmethod
+    def from_env(cls) -> LabelStudioClient:
+        url, key = os.environ.get(URL_ENV), os.environ.get(KEY_ENV)
+        missing = [name for name, value in ((URL_ENV, url), (KEY_ENV, key)) if not value]
+        if missing:
+            raise LabelStudioError(f"set {' and '.join(missing)} in the environment to reach Label Studio")
+        return cls(url, key)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LabelStudioError:
+            raise
+        except Exception as exc:  # the SDK raises ApiError, httpx errors, ...: all mean "Label Studio said no"
+            status = getattr(exc, "status_code", None)
+            body = getattr(exc, "body", None)
+            detail = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
+            raise LabelStudioError(f"{what} failed at {self.url}: {detail}") from exc
+
+    def create_project(self, title: str, label_config: str) -> int:
+        project = self._call("create project", self._sdk.projects.create, title=title, label_config=label_config)
+        return int(project.id)
+
+    def label_config(self, project_id: int) -> LabelConfig:
+        project = self._call(f"read project {project_id}", self._sdk.projects.get, id=project_id)
+        return parse_label_config(project.label_config)
+
+    def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
+        """Import tasks (optionally with inline ``predictions``); return the new task ids."""
+        response = self._call(f"import {len(tasks)} tasks into project {project_id}",
+                              self._sdk.projects.import_tasks, project_id, request=tasks, return_task_ids=True)
+        return [int(i) for i in (response.task_ids or [])]
+
+    def iter_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
+        pager = self._call(f"list tasks of project {project_id}", self._sdk.tasks.list, project=project_id,
+                           fields="all")
+        for task in pager:
+            yield _plain(task)
+
+    def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
+                          model_version: str) -> int:
+        prediction = self._call(f"create prediction for task {task_id}", self._sdk.predictions.create,
+                                task=task_id, result=result, score=score, model_version=model_version)
+        return int(prediction.id)
+
+    def list_predictions(self, *, project_id: int | None = None, task_id: int | None = None) -> list[dict[str, Any]]:
+        found = self._call("list predictions", self._sdk.predictions.list, project=project_id, task=task_id)
+        return [_plain(p) for p in found]

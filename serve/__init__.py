@@ -1,0 +1,1 @@
+"""HTTP service over the exported ONNX model: a NER API and a Label Studio ML backend."""
