@@ -32,5 +32,5 @@ test: setup
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet torch==2.13.0 -e ".[serve,dev]"
-	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^ner-pipeline' > constraints.txt
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^ner-pipeline' | sed 's/^torch==\([^+]*\)+.*/torch==\1/' > constraints.txt
 	rm -rf .lock-venv

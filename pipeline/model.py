@@ -89,7 +89,9 @@ class BertBiLstmCrf(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_index: torch.Tensor,
                 word_mask: torch.Tensor) -> torch.Tensor:
         """Emissions ``(batch, words, tags)`` read at each word's first sub-token."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # explicit zeros: BERT's buffered token types would bake the position limit into the ONNX graph
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
         words = torch.gather(hidden, 1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         lengths = word_mask.sum(dim=1)
         features = self.lstm(self.dropout(words), lengths)

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
                       dropout=config.dropout, max_length=config.max_length)
     model = build_model(encoder_dir, head, pretrained=config.pretrained)
     max_len = min(config.max_length, model.bert.config.max_position_embeddings)
+    model.head_config = replace(head, max_length=max_len)  # saved with the model: inference windows by it
     model.to(device)
 
     train_ex = make_examples(train_sents, tokenizer, specials, tag_to_id, max_len)

@@ -1,0 +1,100 @@
+"""Predictions pushed into a real Label Studio server read back exactly as sent."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import LabelConfigMismatch
+from pipeline.inference import Entity, TextPrediction
+from pipeline.labelconfig import read_label_config
+from pipeline.labelstudio import LabelStudioClient
+from pipeline.predict import to_ls_prediction
+from pipeline.push import push
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+
+CONFIG_XML = (ROOT / "data" / "labelstudio" / "label_config.xml").read_text(encoding="utf-8")
+
+
+def hand_made_tasks(model_version: str) -> list[dict]:
+    """Predictions on hard texts (CJK, emoji, ZWJ) with known offsets, through our own formatter."""
+    config = read_label_config(ROOT / "data" / "labelstudio" / "label_config.xml")
+    cases = [("我爱北京天安门", [("北京", "geo-loc"), ("天安门", "facility")]),
+             ("😀👨‍👩‍👧 Barack Obama in 東京", [("Barack Obama", "person"), ("東京", "geo-loc")]),
+             ("CRLF\r\nApple Inc.\r\n", [("Apple Inc.", "company")])]
+    tasks = []
+    for text, spans in cases:
+        entities = [Entity(text.index(sub), text.index(sub) + len(sub), sub, label, 0.5 + 0.1 * i)
+                    for i, (sub, label) in enumerate(spans)]
+        tasks.append({"data": {"text": text},
+                      "predictions": [to_ls_prediction(TextPrediction(entities, 0.42), config, model_version)]})
+    return tasks
+
+
+def regions(prediction: dict) -> list[tuple]:
+    return sorted((r["value"]["start"], r["value"]["end"], r["value"]["text"], tuple(r["value"]["labels"]),
+                   round(r["score"], 6), r["from_name"], r["to_name"]) for r in prediction["result"])
+
+
+def test_push_round_trip_is_exact_and_idempotent(label_studio, pipeline_run):
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    tasks = predicted + hand_made_tasks(predicted[0]["predictions"][0]["model_version"])
+    project = client.create_project("round trip", CONFIG_XML)
+    # the project's tasks get their own ids: push finds them by text
+    client.import_tasks(project, [{"data": t["data"]} for t in tasks])
+
+    summary = push(client, project, tasks, match="text")
+    assert (summary.matched, summary.created, summary.failed) == (len(tasks), len(tasks), [])
+
+    stored = {t["data"]["text"]: t for t in client.iter_tasks(project)}
+    for task in tasks:
+        # what the labeling UI receives for this task: its `predictions` field
+        [got] = stored[task["data"]["text"]]["predictions"]
+        [sent] = task["predictions"]
+        assert got["model_version"] == sent["model_version"]
+        assert got["score"] == pytest.approx(sent["score"])
+        assert regions(got) == regions(sent)
+        for r in got["result"]:
+            assert task["data"]["text"][r["value"]["start"]:r["value"]["end"]] == r["value"]["text"]
+    assert sum(len(t["predictions"][0]["result"]) for t in tasks) > 0
+
+    again = push(client, project, tasks, match="text")
+    assert (again.created, again.skipped_existing) == (0, len(tasks))
+    assert len(client.list_predictions(project_id=project)) == len(tasks)
+
+
+def test_label_config_mismatch_sends_nothing(label_studio, pipeline_run):
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    tasks = hand_made_tasks("v-mismatch")
+    narrow = CONFIG_XML.replace('    <Label value="facility"/>\n', "").replace('    <Label value="company"/>\n', "")
+    project = client.create_project("mismatch", narrow)
+    client.import_tasks(project, [{"data": t["data"]} for t in tasks])
+    with pytest.raises(LabelConfigMismatch, match="'facility'.*x1.*|'company'"):
+        push(client, project, tasks)
+    assert client.list_predictions(project_id=project) == []
+
+
+def test_cli_push_takes_the_server_from_the_environment(label_studio, pipeline_run):
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    project = client.create_project("cli push", CONFIG_XML)
+    client.import_tasks(project, [{"data": t["data"]} for t in predicted])
+    env = dict(pipeline_run.env, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "push", "--project", str(project)],
+                          cwd=pipeline_run.root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(predicted)} predictions created" in proc.stderr
+    assert label_studio.api_key not in proc.stdout + proc.stderr
+    assert len(client.list_predictions(project_id=project)) == len(predicted)
+
+    missing = dict(pipeline_run.env)
+    missing.pop("LABEL_STUDIO_API_KEY", None)
+    missing.pop("LABEL_STUDIO_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "push", "--project", str(project)],
+                          cwd=pipeline_run.root, env=missing, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "LABEL_STUDIO_URL" in proc.stderr and "Traceback" not in proc.stderr
