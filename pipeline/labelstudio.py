@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_open
 from pipeline.errors import LabelStudioError
 from pipeline.labelconfig import LabelConfig, parse_label_config
 
@@ -61,9 +64,39 @@ class LabelStudioClient:
         project = self._call("create project", self._sdk.projects.create, title=title, label_config=label_config)
         return int(project.id)
 
-    def label_config(self, project_id: int) -> LabelConfig:
+    def label_config_xml(self, project_id: int) -> str:
         project = self._call(f"read project {project_id}", self._sdk.projects.get, id=project_id)
-        return parse_label_config(project.label_config)
+        return project.label_config
+
+    def label_config(self, project_id: int) -> LabelConfig:
+        return parse_label_config(self.label_config_xml(project_id))
+
+    def export_snapshot(self, project_id: int, path: str | Path) -> Path:
+        """Write the project's full JSON export (all tasks, cancelled annotations too) to ``path``.
+
+        A snapshot export streams to disk, so projects of any size fit; the
+        file is renamed into place only once complete.
+        """
+        sdk = self._sdk.projects.exports
+        snapshot = self._call(f"create an export of project {project_id}", sdk.create, project_id,
+                              title="ner-pipeline convert",
+                              task_filter_options={"only_with_annotations": False},
+                              annotation_filter_options={"usual": True, "ground_truth": True, "skipped": True},
+                              serialization_options={"predictions": {"only_id": True}})
+        for _ in range(600):
+            status = self._call("read export status", sdk.get, project_id, snapshot.id).status
+            if status == "completed":
+                break
+            if status == "failed":
+                raise LabelStudioError(f"Label Studio could not export project {project_id}")
+            time.sleep(0.5)
+        else:
+            raise LabelStudioError(f"export of project {project_id} did not finish in 5 minutes")
+        with atomic_open(path, "wb") as fh:
+            for chunk in self._call("download export", sdk.download, project_id, snapshot.id, export_type="JSON"):
+                fh.write(chunk)
+        log.info("exported project %d to %s", project_id, path)
+        return Path(path)
 
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
         """Import tasks (optionally with inline ``predictions``); return the new task ids."""

@@ -55,8 +55,9 @@ def parameter_groups(model: BertBiLstmCrf, *, lr_encoder: float, lr_head: float,
             add("head", lr_head, 0.0 if _no_decay(name) else weight_decay, param)
     result = []
     for (label, lr, wd), params in groups.items():
-        result.append({"name": label, "params": params, "lr": lr, "weight_decay": wd})
-        log.info("param group %-20s %9d params  lr %.2e  wd %.3g", label, sum(p.numel() for p in params), lr, wd)
+        name = label if wd else f"{label} (no decay)"
+        result.append({"name": name, "params": params, "lr": lr, "weight_decay": wd})
+        log.info("param group %-30s %9d params  lr %.2e  wd %.3g", name, sum(p.numel() for p in params), lr, wd)
     return result
 
 

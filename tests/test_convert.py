@@ -1,12 +1,17 @@
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from pipeline.conll import read_conll, write_conll
 from pipeline.convert import convert_tasks, run, split_of
 from pipeline.errors import ConversionError
 from pipeline.labelconfig import parse_label_config
+from pipeline.tags import tags_to_spans
+from pipeline.words import split_words
 
 CONFIG_XML = """<View>
   <Labels name="label" toName="text">
@@ -211,3 +216,38 @@ def test_plain_two_column_conll_is_accepted(tmp_path):
     assert sentences[0].tags == ["B-ORG", "O", "B-MISC"]
     write_conll(tmp_path / "again.conll", sentences)
     assert [s.tokens for s in read_conll(tmp_path / "again.conll")] == [s.tokens for s in sentences]
+
+
+ALPHABET = st.sampled_from(list("abcXYZ019 ,.!#'-") + ["  ", "\r\n", "\t"] + list("北京天安门東京タワー서울")
+                           + ["😀", "👍🏽", "👨\u200d👩\u200d👧", "e\u0301", "ß", "Ω", "ü"])
+
+
+@st.composite
+def annotated_texts(draw):
+    text = "".join(draw(st.lists(ALPHABET, min_size=1, max_size=40)))
+    cuts = sorted(draw(st.sets(st.integers(min_value=0, max_value=len(text)), max_size=10)))
+    spans = []
+    for start, end in zip(cuts[::2], cuts[1::2]):
+        piece = text[start:end]
+        edges_ok = piece and not (piece[0].isspace() or piece[-1].isspace()
+                                  or unicodedata.category(piece[0]) in ("Cf", "Cc", "Mn")
+                                  or unicodedata.category(piece[-1]) in ("Cf", "Cc"))
+        if edges_ok and split_words(piece):
+            spans.append((start, end, draw(st.sampled_from(["PER", "LOC", "ORG"]))))
+    return text, spans
+
+
+@settings(max_examples=300, deadline=None)
+@given(annotated_texts(), st.sampled_from(["BIO", "BIOES"]))
+def test_spans_round_trip_exactly_through_the_conll_files(tmp_path_factory, case, scheme):
+    text, spans = case
+    assume(split_words(text))  # a text without any word is not a training sentence
+    tmp = tmp_path_factory.mktemp("rt")
+    t = task(1, text, *[region(s, e, label, text[s:e]) for s, e, label in spans])
+    run(tmp / "x.json", write_export(tmp, "[]")[1], tmp / "conll", tmp / "r.json", tasks=[t], scheme=scheme)
+    [sentence] = [s for name in ("train", "dev", "test") for s in read_conll(tmp / "conll" / f"{name}.conll")]
+    rebuilt = [(sentence.words[first][0], sentence.words[last - 1][1], label)
+               for first, last, label in tags_to_spans(sentence.tags)]
+    assert rebuilt == spans
+    report = json.loads((tmp / "r.json").read_text())
+    assert report["spans"] == []

@@ -1,0 +1,99 @@
+"""Our exact converter against Label Studio's own (``label_studio_sdk.converter``).
+
+Where that converter is right (English text, entities on token edges) both
+give the same entities; each known divergence has a test showing ours right.
+"""
+
+import json
+
+import pytest
+
+from pipeline.convert import convert_tasks, iter_export
+from pipeline.labelconfig import parse_label_config, read_label_config
+from pipeline.ls_converter import convert_items
+from pipeline.tags import tags_to_spans
+from tests.conftest import ROOT
+from tests.test_convert import CONFIG_XML, region, task
+
+SAMPLE = ROOT / "data" / "labelstudio" / "export.json"
+SAMPLE_CONFIG = ROOT / "data" / "labelstudio" / "label_config.xml"
+
+
+def entities(sentence):
+    return [(sentence.words[a][0], sentence.words[b - 1][1], label) for a, b, label in tags_to_spans(sentence.tags)]
+
+
+def both(tmp_path, tasks):
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(tasks, ensure_ascii=False), encoding="utf-8")
+    config = tmp_path / "config.xml"
+    config.write_text(CONFIG_XML, encoding="utf-8")
+    theirs = [s for _, s in convert_items(export, config)]
+    splits, report = convert_tasks(tasks, parse_label_config(CONFIG_XML))
+    ours = [s for group in splits.values() for s in group]
+    return ours, theirs, report
+
+
+def test_same_entities_as_label_studio_converter_on_the_english_sample():
+    theirs = {str(tid): s for tid, s in convert_items(SAMPLE, SAMPLE_CONFIG)}
+    splits, _ = convert_tasks(iter_export(SAMPLE), read_label_config(SAMPLE_CONFIG))
+    ours = [s for group in splits.values() for s in group]
+    assert len(ours) > 2000
+    for sentence in ours:
+        assert entities(sentence) == entities(theirs[sentence.task_id]), sentence.text
+
+
+def test_chinese_is_one_token_for_them_one_per_character_for_us(tmp_path):
+    text = "我爱北京天安门"
+    [ours], [theirs], _ = both(tmp_path, [task(1, text, region(2, 4, "LOC", "北京"))])
+    assert theirs.tokens == [text] and theirs.tags == ["B-LOC"]  # the whole sentence becomes the entity
+    assert entities(ours) == [(2, 4, "LOC")]
+
+
+def test_overlapping_spans_are_mangled_silently_by_them_resolved_and_reported_by_us(tmp_path):
+    text = "Bank of America Tower"
+    t = task(1, text, region(0, 15, "ORG", "Bank of America"), region(0, 21, "LOC", "Bank of America Tower"))
+    [ours], [theirs], report = both(tmp_path, [t])
+    assert entities(theirs) == [(0, 15, "ORG"), (16, 21, "LOC")]  # neither annotated span survives
+    assert entities(ours) == [(0, 21, "LOC")]
+    assert [s["reason"] for s in report.spans] == ["overlap"]
+
+
+def test_partly_labelled_word_is_widened_by_them_cut_by_us(tmp_path):
+    text = "I like #Obama2024 a lot"
+    [ours], [theirs], _ = both(tmp_path, [task(1, text, region(8, 13, "PER", "Obama"))])
+    assert entities(theirs) == [(8, 17, "PER")]
+    assert entities(ours) == [(8, 13, "PER")]
+
+
+def test_utf16_offsets_after_emoji_shift_their_entity_not_ours(tmp_path):
+    text = "😀😀 Obama and Paris"
+    # a UTF-16 based tool: each emoji counts twice, so "Obama" sits at 5..10 instead of 3..8
+    [ours], [theirs], _ = both(tmp_path, [task(1, text, region(5, 10, "PER", "Obama"))])
+    assert entities(ours) == [(3, 8, "PER")]
+    assert entities(theirs) != [(3, 8, "PER")]
+
+
+def test_they_turn_unlabeled_tasks_into_all_o_sentences_we_leave_them_for_predict(tmp_path):
+    tasks = [task(1, "Paris", region(0, 5, "LOC", "Paris")), {"id": 2, "data": {"text": "Obama"}, "annotations": []}]
+    ours, theirs, report = both(tmp_path, tasks)
+    assert [s.task_id for s in ours] == ["1"]
+    assert [s.task_id for s in theirs] == ["1", "2"] and theirs[1].tags == ["O"]
+    assert report.counts["tasks_unlabeled"] == 1
+
+
+def test_engine_is_selectable_from_params(tmp_path):
+    from pipeline.convert import main
+
+    params = {"paths": {"export": str(SAMPLE), "label_config": str(SAMPLE_CONFIG), "conll_dir": str(tmp_path / "c"),
+                        "convert_report": str(tmp_path / "r.json")},
+              "convert": {"engine": "ls-converter", "scheme": "BIO", "overlap": "longest",
+                          "annotations": "ground_truth_or_latest", "unknown_label": "error",
+                          "split": {"key": "text", "dev": 0.1, "test": 0.1}}}
+    main(params)
+    assert json.loads((tmp_path / "r.json").read_text())["engine"] == "ls-converter"
+    lines = (tmp_path / "c" / "train.conll").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# task_id = ") and lines[1].count("\t") == 3
+    with pytest.raises(Exception, match="BIO only"):
+        params["convert"]["scheme"] = "BIOES"
+        main(params)
