@@ -33,11 +33,13 @@ class Sentence:
 
 
 def format_sentence(sent: Sentence) -> str:
-    """One CoNLL block, blank line included."""
+    """One CoNLL block, blank line included (built with C-level joins: conversion's hot path)."""
     text = sent.text
-    lines = [f"# task_id = {sent.task_id}"]
-    lines += [f"{text[s:e]}\t{tag}\t{s}\t{e}" for (s, e), tag in zip(sent.words, sent.tags, strict=True)]
-    return "\n".join(lines) + "\n\n"
+    starts = [s for s, _ in sent.words]
+    ends = [e for _, e in sent.words]
+    tokens = [text[s:e] for s, e in sent.words]
+    rows = map("\t".join, zip(tokens, sent.tags, map(str, starts), map(str, ends)))
+    return f"# task_id = {sent.task_id}\n" + "\n".join(rows) + "\n\n"
 
 
 def write_conll(path: str | Path, sentences: Iterable[Sentence]) -> int:

@@ -7,8 +7,12 @@ task id, annotation id, offsets and reason.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import multiprocessing
+import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -20,7 +24,7 @@ from typing import Any
 from pipeline.atomic import atomic_dir, atomic_open, write_json
 from pipeline.conll import Sentence, format_sentence
 from pipeline.errors import ConversionError
-from pipeline.jsonstream import iter_json_array
+from pipeline.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
 from pipeline.labelconfig import LabelConfig, read_label_config
 from pipeline.tags import SCHEMES, spans_to_tags, tag_names
 from pipeline.words import split_at, split_words
@@ -179,7 +183,7 @@ def extract_spans(task: dict[str, Any], annotation: dict[str, Any], text: str, c
         if start < 0 or end <= start:
             raise ConversionError(f"offsets {start}..{end} are negative or reversed", task_id=task_id,
                                   field=f"{where}.value")
-        if end > max(len(text), _utf16_len(text)):
+        if end > len(text) and end > _utf16_len(text):
             raise ConversionError(f"offsets {start}..{end} lie outside the text (length {len(text)})",
                                   task_id=task_id, field=f"{where}.value")
         labels = value.get("labels") or []
@@ -237,13 +241,13 @@ def resolve_overlaps(spans: list[Span], policy: str, task_id: Any, text: str, re
 def tag_sentence(task_id: Any, text: str, spans: list[Span], scheme: str, report: ConvertReport) -> Sentence:
     """Cut ``text`` into words that never cross a span edge and tag them."""
     words = split_at(split_words(text), [p for s in spans for p in (s.start, s.end)])
-    first_word = {start: i for i, (start, _) in enumerate(words)}
-    word_ends = {end: i + 1 for i, (_, end) in enumerate(words)}
+    starts = [w[0] for w in words]
+    ends = [w[1] for w in words]
     word_spans = []
     for span in spans:
-        first = next((first_word[p] for p in range(span.start, span.end) if p in first_word), None)
-        last = next((word_ends[p] for p in range(span.end, span.start, -1) if p in word_ends), None)
-        if first is None or last is None or last <= first:
+        first = bisect.bisect_left(starts, span.start)  # first word starting inside the span
+        last = bisect.bisect_right(ends, span.end)      # words ending inside the span
+        if first >= last or starts[first] >= span.end:
             report.record("no_words", "dropped", task_id, span, text[span.start:span.end])
             continue
         word_spans.append((first, last, span.label))
@@ -286,7 +290,9 @@ class TaskConverter:
         self.scheme, self.overlap, self.annotations, self.unknown_label = scheme, overlap, annotations, unknown_label
         self.split_key, self.dev, self.test = split_key, dev, test
         self.report = ConvertReport()
-        self._seen: dict[bytes, tuple[Any, int]] = {}
+        # (task id, text digest, tags hash) per converted task, in export order: duplicates are
+        # found once at the end, so ranges converted in parallel give the same report
+        self.records: list[tuple[Any, bytes, int]] = []
 
     def convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
         """``(split, sentence)`` for a task with a usable annotation, else None (counted)."""
@@ -309,17 +315,8 @@ class TaskConverter:
         if not sentence.words:
             report.counts["tasks_empty_text"] += 1
             return None
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        tags_hash = hash(tuple(sentence.tags))
-        if digest in self._seen:
-            first_id, first_tags = self._seen[digest]
-            report.counts["tasks_duplicate_text"] += 1
-            if first_tags != tags_hash:
-                report.counts["tasks_duplicate_conflicting_labels"] += 1
-                report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
-                                     "duplicate_of": first_id, "text": text})
-        else:
-            self._seen[digest] = (task_id, tags_hash)
+        self.records.append((task_id, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),
+                             hash(tuple(sentence.tags))))
         name = split_of(text if self.split_key == "text" else str(task_id), self.dev, self.test)
         report.splits[name] += 1
         return name, sentence
@@ -327,7 +324,23 @@ class TaskConverter:
     def finish(self) -> ConvertReport:
         if self.report.counts["tasks"] == 0:
             raise ConversionError("the export holds no tasks")
+        report_duplicates(self.records, self.report)
         return self.report
+
+
+def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: ConvertReport) -> None:
+    """Count repeated texts, and list those whose labels differ from the first occurrence."""
+    first: dict[bytes, tuple[Any, int]] = {}
+    for task_id, digest, tags_hash in records:
+        seen = first.get(digest)
+        if seen is None:
+            first[digest] = (task_id, tags_hash)
+            continue
+        report.counts["tasks_duplicate_text"] += 1
+        if seen[1] != tags_hash:
+            report.counts["tasks_duplicate_conflicting_labels"] += 1
+            report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
+                                 "duplicate_of": seen[0]})
 
 
 def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig,
@@ -351,26 +364,104 @@ def log_summary(report: ConvertReport) -> None:
     log.info("conversion summary\n%s", "\n".join(f"  {k:<{width}}  {v:>7}" for k, v in rows))
 
 
+PARALLEL_MIN_BYTES = 8 << 20  # below this, starting processes costs more than it saves
+
+
 def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str | Path,
-        report_path: str | Path, *, tasks: Iterable[dict[str, Any]] | None = None,
-        **options: Any) -> ConvertReport:
-    """Stream an export into CoNLL files; the output folder is swapped in only when all of it converted."""
+        report_path: str | Path, *, tasks: Iterable[dict[str, Any]] | None = None, workers: int = 1,
+        parallel_min_bytes: int = PARALLEL_MIN_BYTES, **options: Any) -> ConvertReport:
+    """Stream an export into CoNLL files; the output folder is swapped in only when all of it converted.
+
+    Large export files are cut into byte ranges converted by ``workers``
+    processes; the output is the same as from one process.
+    """
     config = read_label_config(label_config_path)
-    converter = TaskConverter(config, **options)
     scheme = options.get("scheme", "BIO")
-    source = tasks if tasks is not None else iter_export(export_path)
-    with atomic_dir(conll_dir) as out, ExitStack() as stack:
-        files = {name: stack.enter_context((out / f"{name}.conll").open("w", encoding="utf-8")) for name in SPLITS}
-        for task in source:
-            converted = converter.convert(task)
-            if converted is not None:
-                files[converted[0]].write(format_sentence(converted[1]))
-        report = converter.finish()
-        stack.close()
+    TaskConverter(config, **options)  # check the options before any work
+    workers = workers or os.cpu_count() or 1
+    with atomic_dir(conll_dir) as out:
+        report = None
+        if tasks is None and workers > 1 and Path(export_path).stat().st_size >= parallel_min_bytes:
+            report = _convert_in_ranges(Path(export_path), config, options, out, workers)
+        if report is None:
+            report = _convert_stream(tasks if tasks is not None else iter_export(export_path), config, options, out)
         write_json(out / "labels.json", {"scheme": scheme, "entity_types": list(config.labels),
                                          "tags": tag_names(list(config.labels), scheme)})
     write_json(report_path, report.to_dict())
     log_summary(report)
+    return report
+
+
+def _convert_stream(tasks: Iterable[dict[str, Any]], config: LabelConfig, options: dict[str, Any],
+                    out: Path) -> ConvertReport:
+    return _convert_into(tasks, config, options, out, prefix="").finish()
+
+
+def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, options: dict[str, Any], out: Path,
+                  prefix: str) -> TaskConverter:
+    converter = TaskConverter(config, **options)
+    with ExitStack() as stack:
+        files = {name: stack.enter_context((out / f"{prefix}{name}.conll").open("w", encoding="utf-8"))
+                 for name in SPLITS}
+        for task in tasks:
+            converted = converter.convert(task)
+            if converted is not None:
+                files[converted[0]].write(format_sentence(converted[1]))
+    return converter
+
+
+def _convert_range(export_path: Path, config: LabelConfig, options: dict[str, Any], out: Path, k: int,
+                   start: int, stop: int | None) -> tuple[ConvertReport, list]:
+    converter = _convert_into(iter_json_array(export_path, start=start, stop=stop), config, options, out,
+                              prefix=f".part{k}.")
+    return converter.report, converter.records
+
+
+def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str, Any], out: Path,
+                       workers: int) -> ConvertReport | None:
+    """Convert byte ranges side by side; None means "do it in one pass" (odd file, or an error to report)."""
+    first = first_item_start(export_path)
+    if first is None:
+        return None
+    size = export_path.stat().st_size
+    starts = [first]
+    for k in range(1, workers):
+        guess = find_item_start(export_path, first + (size - first) * k // workers)
+        if guess is None or guess <= starts[-1]:
+            break
+        starts.append(guess)
+    if len(starts) < 2:
+        return None
+    ranges = list(zip(starts, starts[1:] + [None]))
+    with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
+        jobs = [pool.apply_async(_convert_range, (export_path, config, options, out, k, start, stop))
+                for k, (start, stop) in enumerate(ranges)]
+        try:
+            results = [job.get() for job in jobs]
+        except (RangeMismatch, ConversionError) as exc:
+            log.info("parallel conversion gave up (%s); converting in one pass", exc)
+            for part in out.glob(".part*"):
+                part.unlink()
+            return None
+    report = ConvertReport()
+    records: list = []
+    for part_report, part_records in results:
+        report.counts.update(part_report.counts)
+        report.labels.update(part_report.labels)
+        report.splits.update(part_report.splits)
+        report.spans.extend(part_report.spans)
+        records.extend(part_records)
+    for name in SPLITS:
+        with (out / f"{name}.conll").open("wb") as target:
+            for k in range(len(ranges)):
+                part = out / f".part{k}.{name}.conll"
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                part.unlink()
+    if report.counts["tasks"] == 0:
+        raise ConversionError("the export holds no tasks")
+    report_duplicates(records, report)
+    log.info("converted %d tasks in %d parallel ranges", report.counts["tasks"], len(ranges))
     return report
 
 
@@ -382,6 +473,7 @@ def main(params: dict[str, Any], engine: str | None = None, project: int | None 
                    unknown_label=conf["unknown_label"], split_key=conf["split"]["key"],
                    dev=conf["split"]["dev"], test=conf["split"]["test"])
     if engine == "exact":
+        options["workers"] = conf.get("workers", 0)
         convert_file = run
     elif engine == "ls-converter":
         from pipeline.ls_converter import run as convert_file

@@ -4,10 +4,16 @@ Label Studio exports reach hundreds of MB. ``json.JSONDecoder.raw_decode``
 (the C scanner) decodes one task at a time from a sliding buffer, which is
 several times faster than an event-based parser and keeps memory at about a
 buffer plus one task.
+
+A byte range of the file can be read on its own (``start``/``stop``), so
+several processes can convert one export side by side; ``find_item_start``
+guesses where an item begins near an offset, and reading the previous range
+proves the guess (``RangeMismatch`` otherwise).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,25 +24,43 @@ from pipeline.errors import ConversionError
 _WHITESPACE = " \t\n\r"
 
 
+class RangeMismatch(Exception):
+    """A guessed item start turned out not to be one: read the file in one piece instead."""
+
+
 class _Buffer:
-    def __init__(self, path: Path, chunk_size: int) -> None:
-        self.fh = path.open(encoding="utf-8-sig")
+    def __init__(self, path: Path, chunk_size: int, start: int = 0) -> None:
+        self.fh = path.open("rb")
+        self.fh.seek(start)
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.path = path
         self.chunk_size = chunk_size
         self.text = ""
         self.pos = 0
         self.eof = False
         self.consumed_lines = 0  # newlines in text already dropped from the buffer
+        self._synced_pos = 0     # text[:_synced_pos] holds _synced_byte - start bytes
+        self._synced_byte = start
+
+    def byte_offset(self, pos: int) -> int:
+        """File offset of ``text[pos]`` (positions only move forward)."""
+        self._synced_byte += len(self.text[self._synced_pos:pos].encode("utf-8"))
+        self._synced_pos = pos
+        return self._synced_byte
 
     def fill(self) -> bool:
         """Append a chunk, dropping what was already decoded; False at end of file."""
         if self.eof:
             return False
-        chunk = self.fh.read(self.chunk_size)
-        if not chunk:
+        raw = self.fh.read(self.chunk_size)
+        chunk = self.decoder.decode(raw, final=not raw)
+        if not raw:
             self.eof = True
-            return False
+            if not chunk:
+                return False
         if self.pos:
+            self.byte_offset(self.pos)
+            self._synced_pos = 0
             self.consumed_lines += self.text.count("\n", 0, self.pos)
             self.text = self.text[self.pos:]
             self.pos = 0
@@ -63,17 +87,27 @@ class _Buffer:
         return ConversionError(f"{self.path}: not valid JSON at {self.where(pos)}: {message}")
 
 
-def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars: int = 64 << 20) -> Iterator[Any]:
-    """Yield each item of the JSON array in ``path``; errors name line and column."""
+def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars: int = 64 << 20, *,
+                    start: int | None = None, stop: int | None = None) -> Iterator[Any]:
+    """Yield each item of the JSON array in ``path``; errors name line and column.
+
+    With ``start``, reading begins at that byte (an item's first byte) instead
+    of the opening ``[``; with ``stop``, it ends before the item starting at
+    that byte, and raises ``RangeMismatch`` if no item starts exactly there.
+    """
     path = Path(path)
     decoder = json.JSONDecoder()
-    buf = _Buffer(path, chunk_size)
+    buf = _Buffer(path, chunk_size, start or 0)
     try:
-        first = buf.skip_whitespace()
-        if first != "[":
-            raise buf.error("a Label Studio JSON export is a list of tasks (expected '[')")
-        buf.pos += 1
-        state = "start"  # start | after_comma | after_item
+        if start is None:
+            if buf.skip_whitespace() == "\ufeff":
+                buf.pos += 1
+            if buf.skip_whitespace() != "[":
+                raise buf.error("a Label Studio JSON export is a list of tasks (expected '[')")
+            buf.pos += 1
+            state = "start"  # start | after_comma | after_item
+        else:
+            state = "after_comma"
         while True:
             ch = buf.skip_whitespace()
             if ch is None:
@@ -91,6 +125,12 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
                     raise buf.error("trailing comma before ']'")
                 buf.pos += 1
                 break
+            if stop is not None:
+                here = buf.byte_offset(buf.pos)
+                if here >= stop:
+                    if here != stop:
+                        raise RangeMismatch(f"no item starts at byte {stop}")
+                    return
             while True:
                 try:
                     item, end = decoder.raw_decode(buf.text, buf.pos)
@@ -103,8 +143,51 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
             buf.pos = end
             state = "after_item"
             yield item
+        if stop is not None:
+            raise RangeMismatch(f"the list ended before byte {stop}")
         if buf.skip_whitespace() is not None:
             raise buf.error("unexpected data after the end of the list")
     finally:
         buf.fh.close()
 
+
+def first_item_start(path: str | Path) -> int | None:
+    """Byte offset of the first item, or None for an empty or malformed list."""
+    with Path(path).open("rb") as fh:
+        head = fh.read(1 << 16)
+    i = 3 if head.startswith(codecs.BOM_UTF8) else 0
+    while i < len(head) and head[i] in b" \t\r\n":
+        i += 1
+    if i >= len(head) or head[i:i + 1] != b"[":
+        return None
+    i += 1
+    while i < len(head) and head[i] in b" \t\r\n":
+        i += 1
+    return i if head[i:i + 1] == b"{" else None
+
+
+def find_item_start(path: str | Path, offset: int, window: int = 1 << 20) -> int | None:
+    """A likely item start at or after ``offset``: a task object followed by ``,`` or ``]``.
+
+    Only a guess (the text of a task could hold such an object); the caller
+    proves it by reading the range before it up to exactly this byte.
+    """
+    decoder = json.JSONDecoder()
+    with Path(path).open("rb") as fh:
+        fh.seek(offset)
+        data = fh.read(window)
+    lead = 0  # continuation bytes of a character cut by the seek
+    while lead < len(data) and 0x80 <= data[lead] < 0xC0:
+        lead += 1
+    text = data[lead:].decode("utf-8", errors="ignore")  # a character cut at the window's end is dropped
+    i = text.find("{")
+    while i != -1:
+        try:
+            item, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            item = None
+        if isinstance(item, dict) and "data" in item and "id" in item:
+            if text[end:].lstrip(_WHITESPACE)[:1] in (",", "]"):
+                return offset + lead + len(text[:i].encode("utf-8"))
+        i = text.find("{", i + 1)
+    return None

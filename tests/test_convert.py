@@ -251,3 +251,58 @@ def test_spans_round_trip_exactly_through_the_conll_files(tmp_path_factory, case
     assert rebuilt == spans
     report = json.loads((tmp / "r.json").read_text())
     assert report["spans"] == []
+
+
+def tricky_export(n: int, fake_objects: bool) -> list[dict]:
+    """Non-ASCII texts, duplicates with conflicting labels, and (optionally) nested objects that look
+    like tasks, which can fool a guess of where a task starts."""
+    tasks = []
+    for i in range(1, n + 1):
+        text = f"Obama {{]}} visited 北京 😀 #{i % 40}"
+        label = "PER" if i % 7 else "ORG"  # same text every 40 tasks, sometimes other labels
+        t = task(i, text, region(0, 5, label, "Obama"),
+                 region(text.index("北京"), text.index("北京") + 2, "LOC", "北京"))
+        if fake_objects:
+            t["data"] = {"origin": {"id": 99, "data": {"text": "x"}}, "text": text}
+        tasks.append(t)
+    tasks.append({"id": n + 1, "data": {"text": "no annotation"}, "annotations": []})
+    return tasks
+
+
+@pytest.mark.parametrize("fake_objects", [False, True])
+@pytest.mark.parametrize("workers", [2, 5])
+def test_parallel_ranges_give_the_same_output_as_one_pass(tmp_path, workers, fake_objects):
+    export, config = write_export(tmp_path, json.dumps(tricky_export(3000, fake_objects), ensure_ascii=False,
+                                                       indent=1 if fake_objects else None))
+    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1)
+    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=workers, parallel_min_bytes=0)
+    for name in ("train.conll", "dev.conll", "test.conll", "labels.json"):
+        assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert json.loads((tmp_path / "many.json").read_text()) == one
+    assert one["counts"]["tasks_duplicate_conflicting_labels"] > 0
+
+
+def test_a_wrong_guess_of_an_item_start_is_caught(tmp_path):
+    from pipeline.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
+
+    tasks = tricky_export(50, fake_objects=True)
+    export, _ = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))
+    first = first_item_start(export)
+    guess = find_item_start(export, first + 10)  # inside the first task's text: lands on the fake object
+    assert export.read_bytes()[guess:guess + 8] == b'{"id": 9'
+    with pytest.raises(RangeMismatch):
+        list(iter_json_array(export, start=first, stop=guess))
+    real = find_item_start(export, export.read_bytes().index(b'{"id": 2,'))
+    assert [t["id"] for t in iter_json_array(export, start=first, stop=real)] == [1]
+    assert [t["id"] for t in iter_json_array(export, start=real)] == list(range(2, 52))
+
+
+def test_bad_task_in_a_parallel_run_reports_like_one_pass(tmp_path):
+    tasks = tricky_export(2000, fake_objects=False)
+    tasks[1500]["annotations"][0]["result"][0]["value"]["end"] = -3
+    export, config = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))
+    with pytest.raises(ConversionError, match=r"task 1501, field .*negative or reversed"):
+        run(export, config, tmp_path / "out", tmp_path / "r.json", workers=2, parallel_min_bytes=0)
+    assert not (tmp_path / "out").exists()

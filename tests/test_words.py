@@ -57,3 +57,10 @@ def test_words_are_exact_non_overlapping_slices(text):
     for i, ch in enumerate(text):
         if i not in covered:
             assert ch.isspace() or not ch.isprintable()
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=200))
+def test_ascii_fast_path_equals_the_unicode_rules(text):
+    from pipeline.words import _WORD
+
+    assert split_words(text) == [m.span() for m in _WORD.finditer(text)]
