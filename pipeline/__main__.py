@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s failed: %s", args.command, exc)
         return 2
     except KeyboardInterrupt:
-        log.error("%s interrupted", args.command)
+        log.error("%s interrupted; run it again to continue", args.command)
         return 130
     return 0
 

@@ -30,35 +30,63 @@ def _plain(obj: Any) -> Any:
 
 
 class LabelStudioClient:
-    """A session with one Label Studio server."""
+    """A session with one Label Studio server.
 
-    def __init__(self, url: str, api_key: str, timeout: float = 60.0) -> None:
+    Reads are retried with exponential backoff on connection errors, 429 and
+    5xx answers (a server restarting is the usual cause). Writes are never
+    blindly repeated: after a failed create the server is asked whether the
+    object exists before trying again, so nothing is created twice.
+    """
+
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.5) -> None:
         from label_studio_sdk import LabelStudio  # imported here: serving does not need the SDK
 
         self.url = url.rstrip("/")
-        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        self.retries = retries
+        self.backoff = backoff
+        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout, max_retries=0)
 
     def __repr__(self) -> str:  # never show the key
         return f"LabelStudioClient({self.url!r})"
 
     @classmethod
-    def from_env(cls) -> LabelStudioClient:
+    def from_env(cls, **options: Any) -> LabelStudioClient:
         url, key = os.environ.get(URL_ENV), os.environ.get(KEY_ENV)
         missing = [name for name, value in ((URL_ENV, url), (KEY_ENV, key)) if not value]
         if missing:
             raise LabelStudioError(f"set {' and '.join(missing)} in the environment to reach Label Studio")
-        return cls(url, key)
+        return cls(url, key, **options)
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except LabelStudioError:
-            raise
-        except Exception as exc:  # the SDK raises ApiError, httpx errors, ...: all mean "Label Studio said no"
-            status = getattr(exc, "status_code", None)
-            body = getattr(exc, "body", None)
-            detail = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
-            raise LabelStudioError(f"{what} failed at {self.url}: {detail}") from exc
+    @staticmethod
+    def _transient(exc: Exception) -> bool:
+        import httpx
+
+        status = getattr(exc, "status_code", None)
+        return isinstance(exc, httpx.TransportError) or status == 429 or (status is not None and status >= 500)
+
+    def _fail(self, what: str, exc: Exception) -> LabelStudioError:
+        status = getattr(exc, "status_code", None)
+        body = getattr(exc, "body", None)
+        detail = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
+        return LabelStudioError(f"{what} failed at {self.url}: {detail}")
+
+    def _wait(self, attempt: int) -> None:
+        time.sleep(min(self.backoff * 2 ** attempt, 8.0))
+
+    def _call(self, what: str, fn: Any, *args: Any, retry: bool = True, **kwargs: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except LabelStudioError:
+                raise
+            except Exception as exc:  # the SDK raises ApiError, httpx errors, ...
+                if not (retry and self._transient(exc)) or attempt >= self.retries:
+                    raise self._fail(what, exc) from exc
+                log.warning("%s: %s; retrying", what, type(exc).__name__)
+                self._wait(attempt)
+                attempt += 1
 
     def create_project(self, title: str, label_config: str) -> int:
         project = self._call("create project", self._sdk.projects.create, title=title, label_config=label_config)
@@ -101,20 +129,62 @@ class LabelStudioClient:
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
         """Import tasks (optionally with inline ``predictions``); return the new task ids."""
         response = self._call(f"import {len(tasks)} tasks into project {project_id}",
-                              self._sdk.projects.import_tasks, project_id, request=tasks, return_task_ids=True)
+                              self._sdk.projects.import_tasks, project_id, request=tasks, return_task_ids=True,
+                              retry=False)  # not idempotent: callers check what arrived before retrying
         return [int(i) for i in (response.task_ids or [])]
 
     def iter_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
-        pager = self._call(f"list tasks of project {project_id}", self._sdk.tasks.list, project=project_id,
-                           fields="all")
-        for task in pager:
-            yield _plain(task)
+        """All tasks of a project (listed whole, so a failure part-way is retried from the start)."""
+        tasks = self._call(f"list tasks of project {project_id}",
+                           lambda: [_plain(t) for t in self._sdk.tasks.list(project=project_id, fields="all")])
+        yield from tasks
 
     def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
-                          model_version: str) -> int:
-        prediction = self._call(f"create prediction for task {task_id}", self._sdk.predictions.create,
-                                task=task_id, result=result, score=score, model_version=model_version)
-        return int(prediction.id)
+                          model_version: str) -> None:
+        """Create a prediction once, even when the server goes away mid-request."""
+        attempt = 0
+        while True:
+            try:
+                self._sdk.predictions.create(task=task_id, result=result, score=score, model_version=model_version)
+                return
+            except Exception as exc:
+                if not self._transient(exc) or attempt >= self.retries:
+                    raise self._fail(f"create prediction for task {task_id}", exc) from exc
+                log.warning("create prediction for task %d: %s; checking before retrying", task_id,
+                            type(exc).__name__)
+                self._wait(attempt)
+                attempt += 1
+                try:
+                    present = self._sdk.predictions.list(task=task_id)
+                except Exception:
+                    continue  # still down: wait and try again
+                if any(p.model_version == model_version for p in present):
+                    return  # the lost request had gone through
+
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> None:
+        """Create many predictions in one request (``{task, result, score, model_version}`` each), once.
+
+        After a failure the project's predictions are read back and only the
+        missing ones are sent again, so a request that went through before the
+        connection broke is not repeated.
+        """
+        pending = predictions
+        attempt = 0
+        while pending:
+            try:
+                self._sdk.projects.import_predictions(id=project_id, request=pending)
+                return
+            except Exception as exc:
+                if not self._transient(exc) or attempt >= self.retries:
+                    raise self._fail(f"import {len(pending)} predictions into project {project_id}", exc) from exc
+                log.warning("import predictions: %s; checking before retrying", type(exc).__name__)
+                self._wait(attempt)
+                attempt += 1
+                try:
+                    present = {(p.task, p.model_version) for p in self._sdk.predictions.list(project=project_id)}
+                except Exception:
+                    continue  # still down: wait and try again
+                pending = [p for p in pending if (p["task"], p["model_version"]) not in present]
 
     def list_predictions(self, *, project_id: int | None = None, task_id: int | None = None) -> list[dict[str, Any]]:
         found = self._call("list predictions", self._sdk.predictions.list, project=project_id, task=task_id)

@@ -1,9 +1,15 @@
-"""Send predictions into a Label Studio project as pre-annotations.
+"""Send predictions into a Label Studio project as pre-annotations, exactly once.
 
-Before anything is sent the project's label config is checked against the
-predictions (region names and labels): a mismatch sends nothing. A task that
-already holds a prediction of the same ``model_version`` is skipped, so
-running push twice creates no duplicates.
+Before anything is sent, the project's label config is checked against the
+predictions (region names and labels, after the optional label map): a
+mismatch sends nothing. Each prediction is created at most once per
+``model_version``: the server is asked what it already holds, and a local
+record (``paths.push_state``) lists what this machine sent, so a push cut off
+by a restart or Ctrl-C continues where it stopped when run again.
+
+Two modes: ``attach`` adds predictions to tasks already in the project
+(matched by task id, or by the text when ids differ); ``import`` creates the
+tasks together with their predictions.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.errors import LabelConfigMismatch, ParamsError, PipelineError
+from pipeline.errors import LabelConfigMismatch, LabelStudioError, ParamsError, PipelineError
 from pipeline.labelconfig import LabelConfig
 from pipeline.labelstudio import LabelStudioClient
 
 log = logging.getLogger(__name__)
 
 MATCHES = ("text", "id")
+MODES = ("attach", "import")
 
 
 @dataclass
@@ -39,8 +46,49 @@ class PushSummary:
                 "failed": len(self.failed), "failures": self.failed}
 
 
+class PushRecord:
+    """Append-only JSONL of what was sent, per project and model version; survives a crash mid-push."""
+
+    def __init__(self, path: str | Path | None, project_id: int, url: str) -> None:
+        self.path = Path(path) if path else None
+        self.scope = {"project": project_id, "server": hashlib.sha256(url.encode()).hexdigest()[:12]}
+        self.done: set[tuple[str, str]] = set()
+        if self.path and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that prediction is re-checked with the server
+                if all(entry.get(k) == v for k, v in self.scope.items()):
+                    self.done.add((entry["key"], entry["model_version"]))
+
+    def add(self, entries: list[tuple[str, str]]) -> None:
+        self.done.update(entries)
+        if not self.path or not entries:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            for key, version in entries:
+                fh.write(json.dumps({**self.scope, "key": key, "model_version": version}) + "\n")
+
+
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def map_labels(tasks: list[dict[str, Any]], label_map: dict[str, str]) -> list[dict[str, Any]]:
+    """Rename model labels to the project's names (``push.label_map``), on copies."""
+    if not label_map:
+        return tasks
+    out = []
+    for task in tasks:
+        preds = []
+        for pred in task.get("predictions", []):
+            result = [{**r, "value": {**r["value"], "labels": [label_map.get(x, x) for x in r["value"]["labels"]]}}
+                      for r in pred.get("result", [])]
+            preds.append({**pred, "result": result})
+        out.append({**task, "predictions": preds})
+    return out
 
 
 def check_against_config(tasks: list[dict[str, Any]], config: LabelConfig) -> None:
@@ -57,42 +105,95 @@ def check_against_config(tasks: list[dict[str, Any]], config: LabelConfig) -> No
                         problems[f"label {label!r} not in project labels {list(config.labels)}"] += 1
     if problems:
         lines = "; ".join(f"{what} x{n}" for what, n in problems.most_common())
-        raise LabelConfigMismatch(f"predictions do not fit the project's label config, nothing sent: {lines}")
+        raise LabelConfigMismatch(f"predictions do not fit the project's label config, nothing sent: {lines} "
+                                  "(push.label_map can rename labels)")
 
 
-def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], match: str = "text") -> PushSummary:
+def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], *, match: str = "text",
+         mode: str = "attach", label_map: dict[str, str] | None = None, batch_size: int = 100,
+         state_path: str | Path | None = None) -> PushSummary:
     if match not in MATCHES:
         raise ParamsError(f"push.match: {match!r} is not one of {MATCHES}")
+    if mode not in MODES:
+        raise ParamsError(f"push.mode: {mode!r} is not one of {MODES}")
+    tasks = map_labels(tasks, label_map or {})
     config = client.label_config(project_id)
     check_against_config(tasks, config)
 
-    targets: dict[Any, int] = {}
-    for task in client.iter_tasks(project_id):
-        key = text_key(str(task["data"].get(config.data_key, ""))) if match == "text" else int(task["id"])
-        targets.setdefault(key, int(task["id"]))
-    existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
+    def key_of(task: dict[str, Any]) -> str:
+        return text_key(str(task["data"].get(config.data_key, ""))) if match == "text" else str(task.get("id"))
 
+    record = PushRecord(state_path, project_id, client.url)
     summary = PushSummary()
-    for task in tqdm(tasks, desc="push", mininterval=2.0):
-        key = text_key(str(task["data"].get(config.data_key, ""))) if match == "text" else task.get("id")
-        target = targets.get(key)
-        if target is None:
-            summary.failed.append({"task": task.get("id"), "reason": f"no task in project {project_id} "
-                                   f"with the same {'text' if match == 'text' else 'id'}"})
-            continue
-        summary.matched += 1
-        for pred in task.get("predictions", []):
-            if (target, pred["model_version"]) in existing:
-                summary.skipped_existing += 1
-                continue
-            client.create_prediction(target, pred["result"], pred.get("score"), pred["model_version"])
-            existing.add((target, pred["model_version"]))
-            summary.created += 1
+    if mode == "import":
+        _import(client, project_id, tasks, key_of, record, summary, batch_size)
+    else:
+        _attach(client, project_id, tasks, key_of, record, summary, batch_size, match)
     log.info("push to project %d: %d tasks matched, %d predictions created, %d skipped as already present, "
              "%d failed", project_id, summary.matched, summary.created, summary.skipped_existing, len(summary.failed))
     for failure in summary.failed[:10]:
         log.warning("not pushed: task %s: %s", failure["task"], failure["reason"])
     return summary
+
+
+def _attach(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
+            record: PushRecord, summary: PushSummary, batch_size: int, match: str) -> None:
+    targets: dict[str, int] = {}
+    for task in client.iter_tasks(project_id):
+        targets.setdefault(key_of(task), int(task["id"]))
+    existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
+    with tqdm(total=len(tasks), desc="push", mininterval=2.0) as bar:
+        for lo in range(0, len(tasks), batch_size):
+            batch, keys = [], []
+            for task in tasks[lo:lo + batch_size]:
+                key = key_of(task)
+                target = targets.get(key)
+                if target is None:
+                    summary.failed.append({"task": task.get("id"),
+                                           "reason": f"no task in project {project_id} with the same {match}"})
+                    continue
+                summary.matched += 1
+                for pred in task.get("predictions", []):
+                    version = pred["model_version"]
+                    if (key, version) in record.done or (target, version) in existing:
+                        summary.skipped_existing += 1
+                        continue
+                    batch.append({"task": target, "result": pred["result"], "score": pred.get("score"),
+                                  "model_version": version})
+                    keys.append((key, version))
+                    existing.add((target, version))
+            if batch:
+                client.import_predictions(project_id, batch)
+                record.add(keys)
+                summary.created += len(batch)
+            bar.update(min(batch_size, len(tasks) - lo))
+
+
+def _import(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
+            record: PushRecord, summary: PushSummary, batch_size: int) -> None:
+    present = {key_of(t) for t in client.iter_tasks(project_id)}
+    with tqdm(total=len(tasks), desc="import", mininterval=2.0) as bar:
+        for lo in range(0, len(tasks), batch_size):
+            batch = tasks[lo:lo + batch_size]
+            bar.update(len(batch))
+            todo = [t for t in batch if key_of(t) not in present]
+            summary.skipped_existing += len(batch) - len(todo)
+            if not todo:
+                continue
+            payload = [{"data": t["data"], "predictions": t.get("predictions", [])} for t in todo]
+            try:
+                client.import_tasks(project_id, payload)
+            except LabelStudioError:
+                # the import may have arrived before the connection broke: look before sending again
+                present = {key_of(t) for t in client.iter_tasks(project_id)}
+                todo = [t for t in todo if key_of(t) not in present]
+                if todo:
+                    client.import_tasks(project_id, [{"data": t["data"], "predictions": t.get("predictions", [])}
+                                                     for t in todo])
+            present.update(key_of(t) for t in todo)
+            summary.matched += len(todo)
+            summary.created += sum(len(t.get("predictions", [])) for t in todo)
+            record.add([(key_of(t), p["model_version"]) for t in todo for p in t.get("predictions", [])])
 
 
 def main(params: dict[str, Any], project: int | None = None) -> None:
@@ -104,6 +205,12 @@ def main(params: dict[str, Any], project: int | None = None) -> None:
     if not path.is_file():
         raise PipelineError(f"{path} not found; run `dvc repro` (predict stage) first")
     tasks = json.loads(path.read_text(encoding="utf-8"))
-    summary = push(LabelStudioClient.from_env(), int(project_id), tasks, conf["match"])
+    client = LabelStudioClient.from_env(retries=conf.get("retries", 5), backoff=conf.get("backoff", 0.5))
+    try:
+        summary = push(client, int(project_id), tasks, match=conf["match"], mode=conf.get("mode", "attach"),
+                       label_map=conf.get("label_map") or {}, batch_size=conf.get("batch_size", 100),
+                       state_path=paths.get("push_state"))
+    except LabelStudioError as exc:
+        raise LabelStudioError(f"{exc}. What was sent is on record; run push again to continue.") from None
     if summary.failed:
         raise PipelineError(f"{len(summary.failed)} tasks could not be pushed (see the log above)")
