@@ -90,18 +90,35 @@ class NerRuntime:
         """Entities for each text, in input order."""
         words = [split_words(t) for t in texts]
         emissions = self.word_emissions([[t[s:e] for s, e in w] for t, w in zip(texts, words)])
-        return [self._decode(text, w, em) for text, w, em in zip(texts, words, emissions)]
+        out: list[TextPrediction | None] = [TextPrediction([], 1.0) if not w else None for w in words]
+        for idx, paths, best, probs, log_z in self._decode_batches(emissions):
+            for row, i in enumerate(idx):
+                out[i] = self._prediction(texts[i], words[i], paths[row], float(best[row]), probs[row],
+                                          float(log_z[row]))
+        return out  # type: ignore[return-value]
 
     def tag_words(self, words: list[list[str]]) -> list[list[str]]:
         """Tags for texts already cut into words (evaluation on CoNLL files)."""
-        out = []
-        for em in self.word_emissions(words):
-            if len(em) == 0:
-                out.append([])
-                continue
-            paths, _ = viterbi_decode(em[None], np.ones((1, len(em)), dtype=bool), self.crf)
-            out.append([self.tags[t] for t in paths[0]])
+        out: list[list[str]] = [[] for _ in words]
+        for idx, paths, *_ in self._decode_batches(self.word_emissions(words), with_marginals=False):
+            for row, i in enumerate(idx):
+                out[i] = [self.tags[t] for t in paths[row]]
         return out
+
+    def _decode_batches(self, emissions: list[np.ndarray], with_marginals: bool = True):
+        """Viterbi (and marginals) over length-sorted, padded batches: numpy per batch, not per text."""
+        order = sorted((i for i, em in enumerate(emissions) if len(em)), key=lambda i: len(emissions[i]))
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            width = len(emissions[idx[-1]])
+            em = np.zeros((len(idx), width, len(self.tags)), dtype=np.float32)
+            mask = np.zeros((len(idx), width), dtype=bool)
+            for row, i in enumerate(idx):
+                em[row, :len(emissions[i])] = emissions[i]
+                mask[row, :len(emissions[i])] = True
+            paths, best = viterbi_decode(em, mask, self.crf)
+            probs, log_z = marginals(em, mask, self.crf) if with_marginals else (None, None)
+            yield idx, paths, best, probs, log_z
 
     def word_emissions(self, words: list[list[str]]) -> list[np.ndarray]:
         """Per-word emissions; long texts are windowed, each word read where it is most central."""
@@ -140,19 +157,13 @@ class NerRuntime:
         out = self.emissions(input_ids, attention, word_index, word_mask)
         return [out[i, :len(p.word_index)] for i, p in enumerate(batch)]
 
-    def _decode(self, text: str, words: list[tuple[int, int]], emissions: np.ndarray) -> TextPrediction:
-        if not words:
-            return TextPrediction([], 1.0)
-        em = emissions[None]
-        mask = np.ones((1, len(words)), dtype=bool)
-        paths, best = viterbi_decode(em, mask, self.crf)
-        probs, log_z = marginals(em, mask, self.crf)
-        path = paths[0]
+    def _prediction(self, text: str, words: list[tuple[int, int]], path: list[int], best: float,
+                    probs: np.ndarray, log_z: float) -> TextPrediction:
         tags = [self.tags[t] for t in path]
         entities = []
         for first, last, label in tags_to_spans(tags):
             start, end = words[first][0], words[last - 1][1]
-            score = float(np.mean([probs[0, i, path[i]] for i in range(first, last)]))
+            score = float(np.mean([probs[i, path[i]] for i in range(first, last)]))
             entities.append(Entity(start, end, text[start:end], label, round(score, 6)))
-        sequence_prob = float(np.exp(min(0.0, float(best[0]) - float(log_z[0]))))
+        sequence_prob = float(np.exp(min(0.0, best - log_z)))
         return TextPrediction(entities, round(sequence_prob, 6))

@@ -60,3 +60,12 @@ def test_runtime_runs_without_torch(pipeline_run):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 2
+
+
+def test_batched_decoding_equals_one_text_at_a_time(pipeline_run):
+    runtime = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=4)
+    texts = ["Barack Obama in Paris", "", "北京 😀 Obama", "a b c d e f g h i j k l m n o p", "Apple"] * 3
+    batched = [p.to_dict() for p in runtime.predict(texts)]
+    single = [runtime.predict([t])[0].to_dict() for t in texts]
+    assert batched == single
+    assert runtime.tag_words([t.split() for t in texts]) == [runtime.tag_words([t.split()])[0] for t in texts]
