@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Shared 2-core machines stall now and then: a per-example deadline would make property tests flaky.
+settings.register_profile("shared-machine", deadline=None, print_blob=True)
+settings.load_profile("shared-machine")
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
