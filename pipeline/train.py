@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from dvclive import Live
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from pipeline import checkpoint
 from pipeline.atomic import atomic_dir
 from pipeline.conll import read_conll
 from pipeline.data import bucket_batches, collate, make_examples
@@ -52,6 +53,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     eval_batch_size: int = 64
+    checkpoint_every: int = 0   # optimizer steps between checkpoints (0: at epoch ends only)
+    resume: str = "auto"        # auto: continue this run's last checkpoint | never
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
@@ -77,7 +80,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path, live_dir: str | Path,
-          config: TrainConfig, seed: int) -> dict[str, Any]:
+          config: TrainConfig, seed: int, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     conll_dir = Path(conll_dir)
     seed_everything(seed)
     if config.threads > 0:
@@ -118,15 +121,48 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
     scheduler = build_scheduler(optimizer, config.schedule, total_steps, config.warmup)
 
     best_f1, best_epoch, stale = -1.0, -1, 0
-    history = []
-    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        for epoch in range(config.epochs):
+    history: list[dict[str, Any]] = []
+    start_epoch, start_batch, step, batches = 0, 0, 0, None
+    total_loss, seen = 0.0, 0
+    run_id = checkpoint.fingerprint(
+        {"seed": seed, "encoder": str(encoder_dir),
+         **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size", "resume")}},
+        [conll_dir / "train.conll", conll_dir / "dev.conll", conll_dir / "labels.json"])
+    resumed = checkpoint.load_resumable(checkpoint_dir, run_id) \
+        if checkpoint_dir and config.resume == "auto" else None
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        checkpoint.restore_rng(rng, resumed["rng"])
+        start_epoch, start_batch, step, batches = resumed["epoch"], resumed["batch"], resumed["step"], \
+            resumed["batches"]
+        best_f1, best_epoch, stale, history = resumed["best_f1"], resumed["best_epoch"], resumed["stale"], \
+            resumed["history"]
+        total_loss, seen = resumed["total_loss"], resumed["seen"]
+
+    def save_checkpoint(epoch: int, batch: int, completed: bool = False) -> None:
+        if not checkpoint_dir:
+            return
+        checkpoint.save(checkpoint_dir, {
+            "fingerprint": run_id, "epoch": epoch, "batch": batch, "step": step, "completed": completed,
+            "batches": batches, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(rng), "best_f1": best_f1,
+            "best_epoch": best_epoch, "stale": stale, "history": history, "total_loss": total_loss,
+            "seen": seen})
+
+    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live:
+        for epoch in range(start_epoch, config.epochs):
             model.train()
-            batches = bucket_batches(train_ex, config.batch_size, rng)
-            total_loss, seen = 0.0, 0
+            if batches is None or epoch != start_epoch or not resumed:
+                batches = bucket_batches(train_ex, config.batch_size, rng)
+                total_loss, seen = 0.0, 0
+            first = start_batch if (resumed and epoch == start_epoch) else 0
             optimizer.zero_grad(set_to_none=True)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0, leave=False)
-            for i, idx in enumerate(bar):
+            bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
+                       leave=False)
+            for i in bar:
+                idx = batches[i]
                 batch = {k: v.to(device) for k, v in collate([train_ex[j] for j in idx], specials.pad).items()}
                 emissions = model(batch["input_ids"], batch["attention_mask"], batch["word_index"],
                                   batch["word_mask"])
@@ -139,9 +175,12 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    step += 1
                     live.log_metric("train/loss", loss.item())
                     live.log_metric("train/lr_encoder", optimizer.param_groups[0]["lr"])
                     live.next_step()
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < len(batches):
+                        save_checkpoint(epoch, i + 1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             dev_pred = predict_tags(model, dev_ex, len(dev_sents), tags, specials.pad, config.eval_batch_size, device)
             dev = score([s.tags for s in dev_sents], dev_pred, labels["scheme"])
@@ -150,6 +189,7 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
             live.log_metric("train/epoch_loss", train_loss)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "dev_f1": dev["f1"]})
             log.info("epoch %d: train loss %.4f, dev F1 %.4f", epoch + 1, train_loss, dev["f1"])
+            stop = False
             if dev["f1"] > best_f1:
                 best_f1, best_epoch, stale = dev["f1"], epoch + 1, 0
                 save_best(model, labels, hf_tokenizer, model_dir)
@@ -157,7 +197,11 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
                 stale += 1
                 if stale >= config.patience:
                     log.info("early stop: dev F1 has not improved for %d epochs", stale)
-                    break
+                    stop = True
+            batches = None
+            save_checkpoint(epoch + 1, 0, completed=stop or epoch + 1 == config.epochs)
+            if stop:
+                break
         summary = {"best_dev_f1": best_f1, "best_epoch": best_epoch, "epochs_run": len(history)}
         for key, value in summary.items():
             live.summary[key] = value
@@ -175,4 +219,4 @@ def save_best(model: BertBiLstmCrf, labels: dict, hf_tokenizer: Any, model_dir: 
 def main(params: dict[str, Any]) -> None:
     paths = params["paths"]
     train(paths["conll_dir"], paths["encoder"], paths["model_dir"], paths["train_live"],
-          TrainConfig.from_params(params["train"]), params["seed"])
+          TrainConfig.from_params(params["train"]), params["seed"], paths.get("checkpoint_dir"))

@@ -1,0 +1,74 @@
+"""A training run killed with SIGKILL mid-epoch and resumed ends bitwise equal to an uninterrupted run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, small_export
+
+pytestmark = pytest.mark.slow
+
+
+def make_project(path, tiny_encoder):
+    (path / "data" / "labelstudio").mkdir(parents=True)
+    shutil.copy2(ROOT / "data" / "labelstudio" / "label_config.xml", path / "data" / "labelstudio")
+    (path / "data" / "labelstudio" / "export.json").write_text(json.dumps(small_export(300), ensure_ascii=False),
+                                                               encoding="utf-8")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"]["encoder"] = str(tiny_encoder)
+    params["train"].update(epochs=2, batch_size=4, lstm_hidden=16, lr_encoder=1e-3, checkpoint_every=5,
+                           patience=5, threads=1)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "pipeline", "convert"], cwd=path, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)  # DVCLive wants a repository with a commit
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=path, check=True)
+
+
+def final_state(path):
+    return torch.load(path / "models" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_encoder):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for project in (whole, killed):
+        make_project(project, tiny_encoder)
+    train = [sys.executable, "-m", "pipeline", "train"]
+    subprocess.run(train, cwd=whole, check=True, capture_output=True, timeout=900)
+
+    proc = subprocess.Popen(train, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "models" / "checkpoints" / "last.json"
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        if progress.exists():
+            state = json.loads(progress.read_text())
+            if state["batch"] > 0 and state["step"] >= 10:  # mid-epoch, after a few checkpoints
+                break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = json.loads(progress.read_text())
+    assert not interrupted_at["completed"]
+
+    resumed = subprocess.run(train, cwd=killed, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from epoch" in resumed.stderr
+
+    a, b = final_state(whole), final_state(killed)
+    assert a["completed"] and b["completed"] and a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["history"] == b["history"]
+    assert (whole / "models" / "best" / "model.safetensors").read_bytes() == \
+        (killed / "models" / "best" / "model.safetensors").read_bytes()
