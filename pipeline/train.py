@@ -29,6 +29,10 @@ from pipeline.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(PipelineError):
+    """Loss or gradients stayed NaN/inf: the rates are too high or the data is broken."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of the ``train`` section of params.yaml."""
@@ -53,6 +57,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     eval_batch_size: int = 64
+    max_bad_steps: int = 5      # consecutive non-finite losses or gradients before the run stops
     checkpoint_every: int = 0   # optimizer steps between checkpoints (0: at epoch ends only)
     resume: str = "auto"        # auto: continue this run's last checkpoint | never
 
@@ -124,6 +129,7 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, step, batches = 0, 0, 0, None
     total_loss, seen = 0.0, 0
+    bad_in_a_row, skipped = 0, 0
     run_id = checkpoint.fingerprint(
         {"seed": seed, "encoder": str(encoder_dir),
          **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size", "resume")}},
@@ -167,11 +173,26 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
                 emissions = model(batch["input_ids"], batch["attention_mask"], batch["word_index"],
                                   batch["word_mask"])
                 loss = model.loss(emissions, batch["tags"], batch["word_mask"])
-                (loss / config.grad_accumulation).backward()
-                total_loss += loss.item() * len(idx)
-                seen += len(idx)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    (loss / config.grad_accumulation).backward()
+                    total_loss += loss.item() * len(idx)
+                    seen += len(idx)
                 if (i + 1) % config.grad_accumulation == 0 or i + 1 == len(batches):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    if not finite or not torch.isfinite(norm):
+                        # a NaN/inf step would poison the weights: drop it, and stop if it keeps happening
+                        optimizer.zero_grad(set_to_none=True)
+                        bad_in_a_row += 1
+                        skipped += 1
+                        log.warning("skipped an optimizer step: %s is not finite (%d in a row)",
+                                    "loss" if not finite else "gradient norm", bad_in_a_row)
+                        if bad_in_a_row >= config.max_bad_steps:
+                            raise TrainingDiverged(
+                                f"loss or gradients were not finite for {bad_in_a_row} optimizer steps in a row "
+                                f"(epoch {epoch + 1}); lower the learning rates (train.lr_*) or check the data")
+                        continue
+                    bad_in_a_row = 0
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -202,7 +223,8 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
             save_checkpoint(epoch + 1, 0, completed=stop or epoch + 1 == config.epochs)
             if stop:
                 break
-        summary = {"best_dev_f1": best_f1, "best_epoch": best_epoch, "epochs_run": len(history)}
+        summary = {"best_dev_f1": best_f1, "best_epoch": best_epoch, "epochs_run": len(history),
+                   "skipped_steps": skipped}
         for key, value in summary.items():
             live.summary[key] = value
     log.info("best dev F1 %.4f at epoch %d; model in %s", best_f1, best_epoch, model_dir)

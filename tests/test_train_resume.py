@@ -72,3 +72,17 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_encoder):
     assert a["history"] == b["history"]
     assert (whole / "models" / "best" / "model.safetensors").read_bytes() == \
         (killed / "models" / "best" / "model.safetensors").read_bytes()
+
+
+def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_encoder):
+    make_project(tmp_path, tiny_encoder)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"].update(lr_encoder=1e30, lr_head=1e30, lr_crf=1e30, warmup=0, max_bad_steps=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not finite for 3 optimizer steps in a row" in proc.stderr
+    assert "skipped an optimizer step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "best").exists()  # nothing trained is passed off as a model
