@@ -322,10 +322,21 @@ class TaskConverter:
         return name, sentence
 
     def finish(self) -> ConvertReport:
-        if self.report.counts["tasks"] == 0:
-            raise ConversionError("the export holds no tasks")
-        report_duplicates(self.records, self.report)
-        return self.report
+        return finish_report(self.report, self.records)
+
+
+def finish_report(report: ConvertReport, records: Iterable[tuple[Any, bytes, int]]) -> ConvertReport:
+    """Close a conversion (one pass or merged ranges): refuse an empty export, then find duplicates."""
+    if report.counts["tasks"] == 0:
+        raise ConversionError("the export holds no tasks")
+    report_duplicates(records, report)
+    return report
+
+
+def write_labels(conll_dir: Path, config: LabelConfig, scheme: str) -> None:
+    """``labels.json``: the tag set training uses, taken from the label config (not only tags seen)."""
+    write_json(conll_dir / "labels.json", {"scheme": scheme, "entity_types": list(config.labels),
+                                           "tags": tag_names(list(config.labels), scheme)})
 
 
 def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: ConvertReport) -> None:
@@ -385,8 +396,7 @@ def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str |
             report = _convert_in_ranges(Path(export_path), config, options, out, workers)
         if report is None:
             report = _convert_stream(tasks if tasks is not None else iter_export(export_path), config, options, out)
-        write_json(out / "labels.json", {"scheme": scheme, "entity_types": list(config.labels),
-                                         "tags": tag_names(list(config.labels), scheme)})
+        write_labels(out, config, scheme)
     write_json(report_path, report.to_dict())
     log_summary(report)
     return report
@@ -458,9 +468,7 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str
                 with part.open("rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
                 part.unlink()
-    if report.counts["tasks"] == 0:
-        raise ConversionError("the export holds no tasks")
-    report_duplicates(records, report)
+    finish_report(report, records)
     log.info("converted %d tasks in %d parallel ranges", report.counts["tasks"], len(ranges))
     return report
 

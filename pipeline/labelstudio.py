@@ -34,8 +34,8 @@ class LabelStudioClient:
 
     Reads are retried with exponential backoff on connection errors, 429 and
     5xx answers (a server restarting is the usual cause). Writes are never
-    blindly repeated: after a failed create the server is asked whether the
-    object exists before trying again, so nothing is created twice.
+    blindly repeated: after a failed import the server is asked what arrived
+    before trying again, so nothing is created twice.
     """
 
     def __init__(self, url: str, api_key: str, timeout: float = 60.0, retries: int = 5,
@@ -138,28 +138,6 @@ class LabelStudioClient:
         tasks = self._call(f"list tasks of project {project_id}",
                            lambda: [_plain(t) for t in self._sdk.tasks.list(project=project_id, fields="all")])
         yield from tasks
-
-    def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
-                          model_version: str) -> None:
-        """Create a prediction once, even when the server goes away mid-request."""
-        attempt = 0
-        while True:
-            try:
-                self._sdk.predictions.create(task=task_id, result=result, score=score, model_version=model_version)
-                return
-            except Exception as exc:
-                if not self._transient(exc) or attempt >= self.retries:
-                    raise self._fail(f"create prediction for task {task_id}", exc) from exc
-                log.warning("create prediction for task %d: %s; checking before retrying", task_id,
-                            type(exc).__name__)
-                self._wait(attempt)
-                attempt += 1
-                try:
-                    present = self._sdk.predictions.list(task=task_id)
-                except Exception:
-                    continue  # still down: wait and try again
-                if any(p.model_version == model_version for p in present):
-                    return  # the lost request had gone through
 
     def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> None:
         """Create many predictions in one request (``{task, result, score, model_version}`` each), once.

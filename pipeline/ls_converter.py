@@ -19,10 +19,9 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.conll import Sentence, format_sentence
-from pipeline.convert import SPLITS, split_of
+from pipeline.convert import SPLITS, split_of, write_labels
 from pipeline.errors import ConversionError
 from pipeline.labelconfig import read_label_config
-from pipeline.tags import tag_names
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +76,7 @@ def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str |
         stack.close()
         if not counts["sentences"]:
             raise ConversionError("the export holds no tasks")
-        write_json(out / "labels.json", {"scheme": scheme, "entity_types": list(config.labels),
-                                         "tags": tag_names(list(config.labels), scheme)})
+        write_labels(out, config, scheme)
     report = {"engine": "ls-converter", "counts": dict(counts),
               "note": "label_studio_sdk.converter reports no dropped or changed spans"}
     write_json(report_path, report)

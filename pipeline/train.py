@@ -160,10 +160,10 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live:
         for epoch in range(start_epoch, config.epochs):
             model.train()
-            if batches is None or epoch != start_epoch or not resumed:
+            if batches is None:  # a new epoch (None after each epoch, and unless resumed mid-epoch)
                 batches = bucket_batches(train_ex, config.batch_size, rng)
                 total_loss, seen = 0.0, 0
-            first = start_batch if (resumed and epoch == start_epoch) else 0
+            first, start_batch = start_batch, 0  # only the resumed epoch starts part-way
             optimizer.zero_grad(set_to_none=True)
             bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
                        leave=False)

@@ -10,11 +10,10 @@ Label Studio's offsets mean.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import bisect
 import math
 import re
+from collections.abc import Iterable
 
 import regex
 

@@ -99,6 +99,19 @@ def small_export(n_tasks: int) -> list[dict]:
     return tasks
 
 
+def write_small_project(root: Path, encoder: Path, n_tasks: int, **train: object) -> dict:
+    """Sample data, label config and params (tiny encoder, ``train`` overrides) for a project copy."""
+    (root / "data" / "labelstudio").mkdir(parents=True)
+    shutil.copy2(ROOT / "data" / "labelstudio" / "label_config.xml", root / "data" / "labelstudio")
+    (root / "data" / "labelstudio" / "export.json").write_text(
+        json.dumps(small_export(n_tasks), ensure_ascii=False), encoding="utf-8")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"]["encoder"] = str(encoder)
+    params["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, tiny_encoder) -> PipelineRun:
     """A copy of the project run end to end by real `dvc repro`, on small data and the tiny encoder."""
@@ -107,14 +120,8 @@ def pipeline_run(tmp_path_factory, tiny_encoder) -> PipelineRun:
     env = tool_env(home)
     shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "data" / "labelstudio").mkdir(parents=True)
-    shutil.copy2(ROOT / "data" / "labelstudio" / "label_config.xml", root / "data" / "labelstudio")
-    (root / "data" / "labelstudio" / "export.json").write_text(json.dumps(small_export(400), ensure_ascii=False),
-                                                               encoding="utf-8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"]["encoder"] = str(tiny_encoder)
-    params["train"].update(epochs=2, batch_size=16, lstm_hidden=32, lr_encoder=1e-3)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = write_small_project(root, tiny_encoder, 400, epochs=2, batch_size=16, lstm_hidden=32,
+                                 lr_encoder=1e-3)
     (root / ".gitignore").write_text("__pycache__/\n")
     run(["git", "init", "-q"], root, env)
     run(["dvc", "init", "-q"], root, env)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,21 +11,14 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, small_export
+from tests.conftest import write_small_project
 
 pytestmark = pytest.mark.slow
 
 
 def make_project(path, tiny_encoder):
-    (path / "data" / "labelstudio").mkdir(parents=True)
-    shutil.copy2(ROOT / "data" / "labelstudio" / "label_config.xml", path / "data" / "labelstudio")
-    (path / "data" / "labelstudio" / "export.json").write_text(json.dumps(small_export(300), ensure_ascii=False),
-                                                               encoding="utf-8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"]["encoder"] = str(tiny_encoder)
-    params["train"].update(epochs=2, batch_size=4, lstm_hidden=16, lr_encoder=1e-3, checkpoint_every=5,
-                           patience=5, threads=1)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_small_project(path, tiny_encoder, 300, epochs=2, batch_size=4, lstm_hidden=16, lr_encoder=1e-3,
+                        checkpoint_every=5, patience=5, threads=1)
     subprocess.run([sys.executable, "-m", "pipeline", "convert"], cwd=path, check=True, capture_output=True)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)  # DVCLive wants a repository with a commit
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--allow-empty", "-m", "x"],
