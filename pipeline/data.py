@@ -15,28 +15,41 @@ import torch
 from tokenizers import Tokenizer
 
 from pipeline.conll import Sentence
-from pipeline.encoding import SpecialIds, plan_windows, window_inputs, word_pieces
+from pipeline.encoding import INFERENCE_OVERLAP, SpecialIds, plan_windows, window_inputs, word_pieces
+from pipeline.tags import close_window_edges
 
 
 @dataclass(frozen=True)
 class Example:
+    """One encoder window of a sentence; words ``own_lo..own_hi`` of it are the ones it predicts."""
+
     sentence_index: int
     input_ids: list[int]
     word_index: list[int]
     tags: list[int]
+    own_lo: int = 0
+    own_hi: int | None = None
 
 
 def make_examples(sentences: Sequence[Sentence], tokenizer: Tokenizer, specials: SpecialIds,
-                  tag_to_id: dict[str, int], max_length: int) -> list[Example]:
-    """Encode sentences; longer ones become consecutive chunks instead of being truncated."""
+                  tag_to_id: dict[str, int], max_length: int, overlap: float = INFERENCE_OVERLAP,
+                  scheme: str = "BIO") -> list[Example]:
+    """Encode sentences; longer ones become overlapping windows instead of being truncated.
+
+    Windows are planned exactly as the inference runtime plans them, so dev
+    and test scores measure what ``predict`` will do. An entity cut by a
+    window edge is re-tagged to be well formed inside that window.
+    """
     examples = []
     budget = max_length - 2
     for i, sent in enumerate(sentences):
         pieces = word_pieces(tokenizer, specials, sent.tokens, budget)
-        tag_ids = [tag_to_id[t] for t in sent.tags]
-        for window in plan_windows([len(p) for p in pieces], budget, overlap=0.0):
+        for window in plan_windows([len(p) for p in pieces], budget, overlap=overlap):
             ids, first = window_inputs(pieces, window, specials)
-            examples.append(Example(i, ids, first, tag_ids[window.lo:window.hi]))
+            tags = close_window_edges(sent.tags[window.lo:window.hi], scheme, cut_before=window.lo > 0,
+                                      cut_after=window.hi < len(pieces))
+            examples.append(Example(i, ids, first, [tag_to_id[t] for t in tags],
+                                    window.own_lo - window.lo, window.own_hi - window.lo))
     return examples
 
 

@@ -72,12 +72,15 @@ class Window:
     own_hi: int
 
 
-def plan_windows(piece_counts: list[int], max_tokens: int, overlap: float = 0.5) -> list[Window]:
+INFERENCE_OVERLAP = 0.5  # share of a window's sub-tokens repeated in the next one
+
+
+def plan_windows(piece_counts: list[int], max_tokens: int, overlap: float = INFERENCE_OVERLAP) -> list[Window]:
     """Cover all words with windows of at most ``max_tokens`` sub-tokens.
 
     Consecutive windows share about ``overlap`` of their sub-tokens; each word
     takes its emission from the window where it is most central, so it sees
-    context on both sides. ``overlap=0`` gives disjoint chunks (training).
+    context on both sides. ``overlap=0`` gives disjoint chunks.
     """
     n = len(piece_counts)
     if n == 0:

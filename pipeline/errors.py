@@ -44,3 +44,7 @@ class ModelLoadError(PipelineError):
 
 class LabelStudioError(PipelineError):
     """Label Studio could not be reached or refused a request."""
+
+
+class DataError(PipelineError):
+    """Training data the configured model cannot learn from (e.g. a tag sequence the scheme forbids)."""

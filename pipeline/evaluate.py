@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @torch.inference_mode()
 def predict_tags(model: BertBiLstmCrf, examples: Sequence[Example], n_sentences: int, tags: list[str],
                  pad_id: int, batch_size: int = 64, device: str | torch.device = "cpu") -> list[list[str]]:
-    """Decode examples with the model's CRF; chunks of one sentence are joined back."""
+    """Decode examples with the model's CRF; each window gives the words it owns, in order."""
     model.eval()
     out: list[list[str]] = [[] for _ in range(n_sentences)]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -40,7 +40,8 @@ def predict_tags(model: BertBiLstmCrf, examples: Sequence[Example], n_sentences:
         for i, path in zip(idx, model.decode(emissions, batch["word_mask"])):
             decoded[i] = path
     for i, example in enumerate(examples):
-        out[example.sentence_index].extend(tags[t] for t in decoded[i])
+        owned = decoded[i][example.own_lo:example.own_hi]
+        out[example.sentence_index].extend(tags[t] for t in owned)
     return out
 
 
@@ -68,7 +69,8 @@ def evaluate(model_dir: str | Path, sentences: list[Sentence], batch_size: int =
     model, labels = load_model(model_dir)
     tokenizer, specials = load_tokenizer(model_dir)
     tag_to_id = {t: i for i, t in enumerate(labels["tags"])}
-    examples = make_examples(sentences, tokenizer, specials, tag_to_id, model.head_config.max_length)
+    examples = make_examples(sentences, tokenizer, specials, tag_to_id, model.head_config.max_length,
+                             scheme=labels["scheme"])
     pred = predict_tags(model, examples, len(sentences), labels["tags"], specials.pad, batch_size)
     return score([s.tags for s in sentences], pred, labels["scheme"])
 

@@ -28,6 +28,7 @@ WEIGHTS = "model.safetensors"
 LABELS = "labels.json"
 _IGNORED_PREFIXES = ("cls.", "pooler.")
 _OPTIONAL_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+FORBIDDEN_SCORE = -10000.0  # exp() of it is 0 in float32: a path through it never wins nor carries mass
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,25 @@ class BertBiLstmCrf(nn.Module):
         features = self.lstm(self.dropout(words), lengths)
         return self.classifier(self.dropout(features))
 
-    def loss(self, emissions: torch.Tensor, tags: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood per sentence."""
-        return -self.crf(emissions.float(), tags, mask=word_mask.bool(), reduction="mean")
+    def loss(self, emissions: torch.Tensor, tags: torch.Tensor, word_mask: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood per sentence (``mean``) or summed over the batch (``sum``)."""
+        return -self.crf(emissions.float(), tags, mask=word_mask.bool(), reduction=reduction)
+
+    def forbid_transitions(self, start: list[bool], follows: list[list[bool]], end: list[bool]) -> None:
+        """Pin the transitions a tag scheme forbids to ``FORBIDDEN_SCORE`` for good.
+
+        The scores live in the CRF's own parameters, so the saved weights, the
+        exported ``crf.json`` and numpy Viterbi all honour them with no extra
+        code. Gradient hooks zero their updates; with no weight decay on the
+        CRF group, AdamW then leaves them exactly where they are.
+        """
+        for param, allowed in ((self.crf.start_transitions, start), (self.crf.transitions, follows),
+                               (self.crf.end_transitions, end)):
+            keep = torch.tensor(allowed, dtype=torch.bool, device=param.device)
+            with torch.no_grad():
+                param.masked_fill_(~keep, FORBIDDEN_SCORE)
+            param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device))
 
     def decode(self, emissions: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:
         return self.crf.decode(emissions.float(), mask=word_mask.bool())

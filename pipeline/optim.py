@@ -18,7 +18,7 @@ from pipeline.model import BertBiLstmCrf
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant")
+SCHEDULES = ("linear", "cosine", "constant_with_warmup", "constant", "plateau", "none")
 
 
 def _no_decay(name: str) -> bool:
@@ -65,10 +65,51 @@ def build_optimizer(model: BertBiLstmCrf, **rates: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameter_groups(model, **rates), eps=1e-8)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
-                    warmup: float) -> torch.optim.lr_scheduler.LRScheduler:
+class LrSchedule:
+    """The learning-rate policy of a run, stepped once per optimizer step.
+
+    Per-step schedules come from transformers' ``get_scheduler``. ``plateau``
+    warms up like ``constant_with_warmup`` and then hands over to torch's
+    ``ReduceLROnPlateau`` on dev F1 at each epoch end; the two never step
+    together, so neither overwrites the other's rates.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup: float,
+                 plateau_factor: float = 0.5, plateau_patience: int = 1) -> None:
+        if schedule not in SCHEDULES:
+            raise ParamsError(f"train.schedule: {schedule!r} is not one of {SCHEDULES}")
+        if warmup < 0:
+            raise ParamsError(f"train.warmup: {warmup} must be >= 0 (a share below 1, or a step count)")
+        self.warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+        per_step = {"plateau": "constant_with_warmup", "none": "constant"}.get(schedule, schedule)
+        warmup_steps = 0 if schedule == "none" else self.warmup_steps
+        self.per_step = get_scheduler(per_step, optimizer, num_warmup_steps=warmup_steps,
+                                      num_training_steps=total_steps)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=plateau_factor, patience=plateau_patience) if schedule == "plateau" else None
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.plateau is None or self.steps <= self.warmup_steps:
+            self.per_step.step()
+
+    def epoch_end(self, dev_f1: float) -> None:
+        if self.plateau is not None and self.steps >= self.warmup_steps:
+            self.plateau.step(dev_f1)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "per_step": self.per_step.state_dict(),
+                "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup: float,
+                    plateau_factor: float = 0.5, plateau_patience: int = 1) -> LrSchedule:
     """Warmup given as a share of optimizer steps (< 1) or a step count (>= 1)."""
-    if schedule not in SCHEDULES:
-        raise ParamsError(f"train.schedule: {schedule!r} is not one of {SCHEDULES}")
-    warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
-    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return LrSchedule(optimizer, schedule, total_steps, warmup, plateau_factor, plateau_patience)

@@ -112,6 +112,16 @@ def write_small_project(root: Path, encoder: Path, n_tasks: int, **train: object
     return params
 
 
+def make_train_project(root: Path, encoder: Path, n_tasks: int, **train: object) -> dict:
+    """A small project copy, converted and committed, ready for ``python -m pipeline train``."""
+    params = write_small_project(root, encoder, n_tasks, **train)
+    subprocess.run([sys.executable, "-m", "pipeline", "convert"], cwd=root, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # DVCLive wants a repository with a commit
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=root, check=True)
+    return params
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, tiny_encoder) -> PipelineRun:
     """A copy of the project run end to end by real `dvc repro`, on small data and the tiny encoder."""

@@ -11,18 +11,14 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_small_project
+from tests.conftest import make_train_project
 
 pytestmark = pytest.mark.slow
 
 
 def make_project(path, tiny_encoder):
-    write_small_project(path, tiny_encoder, 300, epochs=2, batch_size=4, lstm_hidden=16, lr_encoder=1e-3,
-                        checkpoint_every=5, patience=5, threads=1)
-    subprocess.run([sys.executable, "-m", "pipeline", "convert"], cwd=path, check=True, capture_output=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)  # DVCLive wants a repository with a commit
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--allow-empty", "-m", "x"],
-                   cwd=path, check=True)
+    make_train_project(path, tiny_encoder, 300, epochs=2, batch_size=4, lstm_hidden=16, lr_encoder=1e-3,
+                       checkpoint_every=5, patience=5, threads=1)
 
 
 def final_state(path):

@@ -1,0 +1,141 @@
+"""Training behaviour users rely on: constrained transitions, schedules, windows, precision, accumulation."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from pipeline.conll import Sentence
+from pipeline.data import make_examples
+from pipeline.encoding import load_tokenizer
+from pipeline.errors import DataError, ParamsError
+from pipeline.model import FORBIDDEN_SCORE, HeadConfig, build_model
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.tags import allowed_transitions, first_violation, tag_names
+from pipeline.train import TrainConfig, autocast_dtype, check_tag_sequences, train
+from tests.conftest import make_train_project
+
+TAGS = tag_names(["PER", "LOC"], "BIO")
+
+
+def test_forbidden_transitions_stay_forbidden_through_training_and_decoding(tiny_encoder):
+    torch.manual_seed(0)
+    model = build_model(tiny_encoder, HeadConfig(num_tags=len(TAGS), lstm_hidden=8))
+    start, follows, end = allowed_transitions(TAGS, "BIO")
+    model.forbid_transitions(start, follows, end)
+    opt = build_optimizer(model, lr_encoder=1e-3, lr_head=1e-2, lr_crf=1.0, weight_decay=0.01)
+    ids = torch.randint(1000, 2000, (4, 12))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    word_index = torch.arange(1, 11).repeat(4, 1)
+    gold = torch.tensor([[0, 1, 2, 2, 0, 3, 4, 0, 0, 1]] * 4)
+    for _ in range(5):
+        loss = model.loss(model(ids, torch.ones_like(ids), word_index, mask), gold, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    forbidden = ~torch.tensor(follows)
+    assert forbidden.any()
+    assert torch.all(model.crf.transitions[forbidden] == FORBIDDEN_SCORE)
+    assert torch.all(model.crf.start_transitions[~torch.tensor(start)] == FORBIDDEN_SCORE)
+    assert torch.all(model.crf.transitions[~forbidden] != FORBIDDEN_SCORE)  # the allowed ones did learn
+    emissions = torch.randn(64, 10, len(TAGS)) * 10  # wild emissions: unconstrained Viterbi would pick I- after O
+    for path in model.decode(emissions, torch.ones(64, 10, dtype=torch.long)):
+        assert first_violation([TAGS[t] for t in path], "BIO") is None
+
+
+def test_a_forbidden_gold_sequence_is_named_with_its_task(tmp_path):
+    sentences = [Sentence("7", "a b", [(0, 1), (2, 3)], ["B-PER", "I-PER"]),
+                 Sentence("42", "John went", [(0, 4), (5, 9)], ["O", "I-PER"])]
+    with pytest.raises(DataError, match=r"sentence 2 \(task 42\), word 2 'went': tag 'I-PER' after 'O'"):
+        check_tag_sequences(sentences, "BIO", tmp_path / "train.conll")
+
+
+def test_plateau_schedule_warms_up_then_halves_when_dev_f1_stalls():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = build_scheduler(opt, "plateau", total_steps=100, warmup=4, plateau_factor=0.5, plateau_patience=1)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == 0.0 and rates[2] == pytest.approx(0.5) and rates[4:] == [1.0] * 6
+    sched.epoch_end(0.5)
+    sched.epoch_end(0.5)   # one stalled epoch: patience 1 is not yet exceeded
+    assert opt.param_groups[0]["lr"] == 1.0
+    sched.epoch_end(0.4)   # second stalled epoch: the rate drops
+    assert opt.param_groups[0]["lr"] == 0.5
+    sched.step()           # later steps keep the lowered rate
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_schedule_none_keeps_the_rate_and_unknown_schedules_are_refused():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=0.3)
+    sched = build_scheduler(opt, "none", total_steps=10, warmup=0.5)
+    for _ in range(10):
+        assert opt.param_groups[0]["lr"] == 0.3
+        opt.step()
+        sched.step()
+    with pytest.raises(ParamsError, match="train.schedule"):
+        build_scheduler(opt, "exponential", total_steps=10, warmup=0.1)
+
+
+def test_precision_choices():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ParamsError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_long_sentences_train_in_overlapping_windows_and_every_word_is_predicted_once(tiny_encoder):
+    tokenizer, specials = load_tokenizer(tiny_encoder)
+    words = [f"word{i}" for i in range(120)]
+    text = " ".join(words)
+    spans, pos = [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    tags = ["O", "B-PER"] + ["I-PER"] * 60 + ["O"] * 58
+    sentence = Sentence("1", text, spans, tags)
+    examples = make_examples([sentence], tokenizer, specials, {t: i for i, t in enumerate(TAGS)}, 64,
+                             overlap=0.5, scheme="BIO")
+    assert len(examples) > 2
+    owned = []
+    covered = 0
+    for ex in examples:
+        window_tags = [TAGS[t] for t in ex.tags]
+        assert first_violation(window_tags, "BIO") is None  # entities cut by an edge are re-tagged
+        owned.extend(range(covered, covered + ex.own_hi - ex.own_lo))
+        covered += ex.own_hi - ex.own_lo
+    assert owned == list(range(len(words)))
+    assert sum(len(ex.tags) for ex in examples) > len(words)  # windows overlap: words seen twice in training
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def test_with_accumulation_the_schedule_steps_once_per_optimizer_step(tmp_path, tiny_encoder, monkeypatch):
+    params = make_train_project(tmp_path, tiny_encoder, 80, epochs=2, batch_size=4, grad_accumulation=3,
+                                warmup=0, schedule="linear", lstm_hidden=8, threads=1)
+    monkeypatch.chdir(tmp_path)
+    summary = train("data/conll", tiny_encoder, "models/best", "dvclive/train",
+                    TrainConfig.from_params(params["train"]), 0)
+    live = tmp_path / "dvclive" / "train" / "plots" / "metrics" / "train"
+    lrs = [float(row["head"]) for row in _rows(live / "lr" / "head.tsv")]
+    assert len(lrs) == summary["optimizer_steps"] == len(_rows(live / "loss.tsv"))
+    # total steps were counted in optimizer steps: the linear decay reaches 0 exactly at the last one
+    assert lrs[-1] == 0.0 and lrs[-2] > 0.0
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_encoder, monkeypatch):
+    params = make_train_project(tmp_path, tiny_encoder, 40, epochs=1, batch_size=8, precision="bf16",
+                                lstm_hidden=8, threads=1)
+    monkeypatch.chdir(tmp_path)
+    summary = train("data/conll", tiny_encoder, "models/best", "dvclive/train",
+                    TrainConfig.from_params(params["train"]), 0)
+    assert summary["skipped_steps"] == 0 and summary["best_epoch"] == 1
+    assert (tmp_path / "models" / "best" / "model.safetensors").is_file()
