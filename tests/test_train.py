@@ -139,3 +139,23 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_encoder, monkeypatch):
                     TrainConfig.from_params(params["train"]), 0)
     assert summary["skipped_steps"] == 0 and summary["best_epoch"] == 1
     assert (tmp_path / "models" / "best" / "model.safetensors").is_file()
+
+
+def test_lr_find_writes_a_plot_and_a_suggestion_below_where_the_loss_explodes(tmp_path, tiny_encoder):
+    import subprocess
+    import sys
+
+    params = make_train_project(tmp_path, tiny_encoder, 80, batch_size=4, lstm_hidden=8, threads=1)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "lr-find", "--start", "1e-6", "--end", "10",
+                           "--steps", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / params["paths"]["lr_find_report"]).read_text())
+    lrs = [p["lr_encoder"] for p in report["points"]]
+    assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-6)
+    assert report["stopped_early"]  # encoder at 10, CRF at 2000: the loss must blow up before the end
+    pick = report["suggested"]
+    assert 1e-6 <= pick["lr_encoder"] < lrs[-1]
+    ratio = params["train"]["lr_crf"] / params["train"]["lr_encoder"]
+    assert pick["lr_crf"] == pytest.approx(pick["lr_encoder"] * ratio)
+    png = (tmp_path / params["paths"]["lr_find_plot"]).read_bytes()
+    assert png.startswith(b"\x89PNG")
