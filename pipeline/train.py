@@ -213,6 +213,10 @@ def _lr_groups(optimizer: torch.optim.Optimizer) -> list[tuple[str, int]]:
 def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path, live_dir: str | Path,
           config: TrainConfig, seed: int, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     world = distributed.start(config.device)
+    if world.size > 1:
+        log.info("rank %d of %d on %s", world.rank, world.size, world.device)
+        if not world.is_main:  # one log for the run: rank 0's
+            logging.getLogger("pipeline").setLevel(logging.WARNING)
     try:
         return _train(world, Path(conll_dir), encoder_dir, model_dir, live_dir, config, seed, checkpoint_dir)
     finally:
@@ -229,8 +233,6 @@ def _train(world: World, conll_dir: Path, encoder_dir: str | Path, model_dir: st
     amp_dtype = autocast_dtype(config.precision, device)
     model, data = prepare(conll_dir, encoder_dir, config, device)
     labels, specials, train_ex = data.labels, data.specials, data.train_ex
-    if world.size > 1:
-        log.info("rank %d of %d on %s", world.rank, world.size, device)
     objective = Objective(model)
     if world.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(
