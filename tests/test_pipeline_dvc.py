@@ -19,6 +19,10 @@ def test_repro_runs_every_stage_and_writes_the_promised_outputs(pipeline_run):
     assert (pipeline_run.path("onnx_dir") / "model.int8.onnx").is_file()
     assert pipeline_run.path("predictions").is_file()
     assert (pipeline_run.path("train_live") / "metrics.json").is_file()
+    confusion = json.loads(pipeline_run.path("eval_confusion_plot").read_text())
+    assert confusion and set(confusion[0]) == {"actual", "predicted"}
+    errors = [json.loads(line) for line in pipeline_run.path("eval_errors").read_text().splitlines()]
+    assert all(e["task_id"] and e["kind"] in {"missed", "spurious", "type", "boundary"} for e in errors)
 
 
 def test_second_repro_does_nothing(pipeline_run):
