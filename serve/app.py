@@ -1,28 +1,90 @@
 """HTTP routes over the shared inference runtime: a plain NER API and the Label Studio ML-backend protocol.
 
-Endpoints are plain ``def`` functions, so FastAPI runs inference in its
-thread pool and the event loop stays free.
+Inference goes through the micro-batcher (``serve/batching.py``): concurrent
+requests share one runtime call on a worker thread, and the event loop only
+parses, validates and answers. Around the FastAPI app sit the access log and
+metrics (``serve/observability.py``) and the API-key check (``serve/auth.py``).
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from pipeline.errors import LabelConfigMismatch
 from pipeline.inference import NerRuntime
 from pipeline.labelconfig import LabelConfig, check_labels, parse_label_config
 from pipeline.predict import to_ls_prediction
+from serve.auth import OPEN_PATHS, ApiKeyAuth
+from serve.batching import Batched, MicroBatcher
+from serve.observability import AccessLog, Metrics
+from serve.reload import ModelReloader
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "NER_API_KEY"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service; ``from_env`` reads them from ``NER_*`` variables."""
+
+    model_dir: Path = Path("models/onnx")
+    api_key: str | None = None
+    max_texts: int = 256            # texts per request
+    max_chars: int = 100_000        # characters per text (long texts are windowed)
+    max_body_bytes: int = 10 << 20  # request body
+    max_batch_size: int = 32        # texts per runtime call
+    max_wait_ms: float = 5.0        # how long a batch waits for company after its first request
+    quantized: bool = False         # serve model.int8.onnx
+    threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
+
+    ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
+           "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
+           "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
+           "quantized": "NER_QUANTIZED", "threads": "NER_THREADS"}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(cls.ENV[f.name])
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _parse(f.name, raw)
+            except ValueError:
+                raise ValueError(f"{cls.ENV[f.name]}={raw!r} is not a valid {f.name}") from None
+        return cls(**values)
+
+
+def _parse(name: str, raw: str) -> Any:
+    if name == "model_dir":
+        return Path(raw)
+    if name == "api_key":
+        return raw
+    if name == "quantized":
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(raw)
+        return raw.lower() in ("1", "true", "yes")
+    value = float(raw) if name == "max_wait_ms" else int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
 
 
 class NerRequest(BaseModel):
@@ -30,21 +92,33 @@ class NerRequest(BaseModel):
 
 
 class EntityOut(BaseModel):
-    start: int
-    end: int
+    start: int = Field(description="character offset (Python string index) of the first character")
+    end: int = Field(description="offset after the last character")
     text: str
     label: str
-    score: float
+    score: float = Field(description="mean marginal probability of the entity's tags")
 
 
 class TextResult(BaseModel):
     entities: list[EntityOut]
-    score: float
+    score: float = Field(description="probability of the whole decoded tag sequence")
 
 
 class NerResponse(BaseModel):
     model_version: str
     results: list[TextResult]
+
+
+class ModelResponse(BaseModel):
+    model_version: str
+    labels: list[str]
+    scheme: str | None = None
+    model_dir: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_version: str
 
 
 class SetupRequest(BaseModel):
@@ -55,6 +129,10 @@ class SetupRequest(BaseModel):
     extra_params: Any = None
 
 
+class SetupResponse(BaseModel):
+    model_version: str
+
+
 class PredictRequest(BaseModel):
     tasks: list[dict[str, Any]]
     project: str | None = None
@@ -62,88 +140,186 @@ class PredictRequest(BaseModel):
     params: dict[str, Any] | None = None
 
 
-def create_app(model_dir: str | Path, *, api_key: str | None = None, max_texts: int = 256,
-               max_chars: int = 100_000) -> FastAPI:
-    runtime = NerRuntime(model_dir)
+class PredictResponse(BaseModel):
+    results: list[dict[str, Any]] = Field(description="one Label Studio prediction per task, in task order")
+
+
+class NerService(FastAPI):
+    """FastAPI with the access log and the key check wrapped around its whole middleware stack."""
+
+    metrics: Metrics
+    api_key: str | None
+
+    def build_middleware_stack(self):  # noqa: ANN201 - Starlette's signature
+        inner = ApiKeyAuth(super().build_middleware_stack(), self.api_key)
+        return AccessLog(inner, self.metrics, self.router.routes)
+
+
+def create_app(model_dir: str | Path | None = None, *, settings: Settings | None = None,
+               **overrides: Any) -> NerService:
+    """The service over one model folder. ``overrides`` are :class:`Settings` fields (``api_key=...``)."""
+    settings = settings or Settings()
+    if model_dir is not None:
+        overrides["model_dir"] = Path(model_dir)
+    if overrides:
+        settings = Settings(**{**{f.name: getattr(settings, f.name) for f in fields(Settings)}, **overrides})
+
+    def load(path: Path) -> NerRuntime:
+        return NerRuntime(path, quantized=settings.quantized, threads=settings.threads)
+
+    metrics = Metrics()
+    runtime = load(settings.model_dir)
+    metrics.set_model(runtime.model_version)
+    batcher = MicroBatcher(runtime, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                           on_batch=metrics.observe_batch)
+    reloader = ModelReloader(settings.model_dir, load, batcher, on_reload=metrics.observe_reload)
     configs: dict[str, LabelConfig] = {}
-    app = FastAPI(title="NER service", version=runtime.model_version,
-                  description="BERT-BiLSTM-CRF entities with character offsets; also a Label Studio ML backend.")
+    state = {"ready": False}
 
-    def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "basic":
-            import base64
-            import binascii
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        await batcher.submit(["warm up"])  # first ONNX run builds kernels; then we are ready
+        sighup = _on_sighup(loop, lambda: loop.run_in_executor(None, reloader.check))
+        state["ready"] = True
+        log.info("serving %s from %s (max batch %d texts, max wait %.1f ms)", batcher.runtime.model_version,
+                 settings.model_dir, settings.max_batch_size, settings.max_wait_ms)
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await asyncio.to_thread(batcher.close)
 
-            try:
-                token = base64.b64decode(token).decode("utf-8").partition(":")[2]
-            except (binascii.Error, UnicodeDecodeError):
-                token = ""
-        elif scheme.lower() not in ("bearer", "token"):
-            token = ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong API key",
-                                headers={"WWW-Authenticate": "Bearer"})
+    app = NerService(title="NER service", version=runtime.model_version, lifespan=lifespan,
+                     max_body_size=settings.max_body_bytes,
+                     description="BERT-BiLSTM-CRF entities with character offsets; also a Label Studio ML "
+                                 "backend. Every route except /health and /ready needs the API key when one "
+                                 "is set (Bearer token, or basic auth with the key as password).")
+    app.metrics, app.api_key = metrics, settings.api_key
+    app.state.batcher, app.state.reloader, app.state.settings = batcher, reloader, settings
 
-    def check_size(texts: list[str]) -> None:
-        if len(texts) > max_texts:
-            raise HTTPException(status_code=413, detail=f"{len(texts)} texts; at most {max_texts} per request")
+    def check_texts(texts: list[str]) -> None:
+        if len(texts) > settings.max_texts:
+            raise HTTPException(status_code=413,
+                                detail=f"{len(texts)} texts; at most {settings.max_texts} per request")
         for i, text in enumerate(texts):
-            if len(text) > max_chars:
+            if len(text) > settings.max_chars:
                 raise HTTPException(status_code=413,
-                                    detail=f"text {i} has {len(text)} characters; at most {max_chars}")
+                                    detail=f"text {i} has {len(text)} characters; at most {settings.max_chars}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise HTTPException(status_code=422, detail=f"text {i} is not valid Unicode: lone surrogate "
+                                                            f"at character {exc.start}") from None
 
-    @app.get("/health")
+    async def run(texts: list[str]) -> Batched:
+        if not texts:
+            return Batched([], batcher.runtime.model_version)
+        return await batcher.submit(texts)
+
+    @app.get("/health", response_model=HealthResponse, tags=["probes"])
     def health() -> dict[str, Any]:
-        return {"status": "UP", "model_version": runtime.model_version}
+        """Liveness (and Label Studio's health check): the process answers."""
+        return {"status": "UP", "model_version": batcher.runtime.model_version}
 
-    @app.get("/v1/model", dependencies=[Depends(authorize)])
+    @app.get("/ready", response_model=HealthResponse, tags=["probes"],
+             responses={503: {"description": "not ready: starting, stopping or the batch worker is gone"}})
+    def ready() -> Any:
+        """Readiness: the model is loaded and warmed up and the batch worker runs."""
+        if state["ready"] and batcher.running:
+            return {"status": "READY", "model_version": batcher.runtime.model_version}
+        return JSONResponse({"status": "NOT_READY", "model_version": batcher.runtime.model_version}, 503)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics of this process."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", response_model=ModelResponse, tags=["ner"])
     def model_info() -> dict[str, Any]:
-        return {"model_version": runtime.model_version, "labels": runtime.entity_types,
-                "scheme": runtime.info.get("scheme")}
+        """The model being served: version, entity labels, tag scheme."""
+        current = batcher.runtime
+        return {"model_version": current.model_version, "labels": current.entity_types,
+                "scheme": current.info.get("scheme"), "model_dir": str(settings.model_dir)}
 
-    @app.post("/v1/ner", response_model=NerResponse, dependencies=[Depends(authorize)])
-    def ner(body: NerRequest) -> NerResponse:
-        check_size(body.texts)
-        preds = runtime.predict(body.texts)
-        return NerResponse(model_version=runtime.model_version,
-                           results=[TextResult(**p.to_dict()) for p in preds])
+    @app.post("/v1/ner", response_model=NerResponse, tags=["ner"],
+              responses={413: {"description": "too many texts or a text too long"}})
+    async def ner(body: NerRequest) -> NerResponse:
+        """Entities with character offsets, labels and scores, one result per text in order."""
+        check_texts(body.texts)
+        out = await run(body.texts)
+        return NerResponse(model_version=out.model_version,
+                           results=[TextResult(**p.to_dict()) for p in out.predictions])
 
-    @app.post("/setup", dependencies=[Depends(authorize)])
+    @app.post("/setup", response_model=SetupResponse, tags=["label studio"])
     def setup(body: SetupRequest) -> dict[str, str]:
+        """Label Studio ML backend: reloads the model if its folder changed; checks the project's labels."""
+        reloader.check()
+        current = batcher.runtime
         if body.schema_:
-            config = _config_or_422(body.schema_, runtime)
-            configs[_project_key(body.project)] = config
-        return {"model_version": runtime.model_version}
+            configs[_project_key(body.project)] = _config_or_422(body.schema_, current.entity_types)
+        return {"model_version": current.model_version}
 
-    @app.post("/predict", dependencies=[Depends(authorize)])
-    def predict(body: PredictRequest) -> dict[str, Any]:
+    @app.post("/predict", response_model=PredictResponse, tags=["label studio"],
+              responses={413: {"description": "too many tasks or a text too long"}})
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        """Label Studio ML backend: one prediction per task, regions named after the label config."""
+        labels = batcher.runtime.entity_types
         if body.label_config:
-            config = _config_or_422(body.label_config, runtime)
+            config = _config_or_422(body.label_config, labels)
         elif _project_key(body.project) in configs:
             config = configs[_project_key(body.project)]
+            _labels_or_422(config, labels)
         else:
             raise HTTPException(status_code=422, detail="no label_config in the request and no /setup for project")
         texts = []
         for i, task in enumerate(body.tasks):
-            text = (task.get("data") or {}).get(config.data_key)
+            data = task.get("data")
+            text = data.get(config.data_key) if isinstance(data, dict) else None
             if not isinstance(text, str):
                 raise HTTPException(status_code=422,
                                     detail=f"task {task.get('id', i)}: data.{config.data_key} must be a string")
             texts.append(text)
-        check_size(texts)
-        preds = runtime.predict(texts)
-        return {"results": [to_ls_prediction(p, config, runtime.model_version) for p in preds]}
+        check_texts(texts)
+        out = await run(texts)
+        return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
 
-    @app.post("/webhook", dependencies=[Depends(authorize)])
+    @app.post("/webhook", tags=["label studio"])
     def webhook(body: dict[str, Any]) -> dict[str, str]:
+        """Label Studio webhooks (TASKS_CREATED, PROJECT_UPDATED, ...): accepted and logged."""
         log.info("webhook %s", body.get("action"))
         return {"status": "ok"}
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            if settings.api_key:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}, "basic": {"type": "http", "scheme": "basic"}}
+                for path, ops in schema["paths"].items():
+                    for op in ops.values():
+                        op["security"] = [] if path in OPEN_PATHS else [{"bearer": []}, {"basic": []}]
+                        if path not in OPEN_PATHS:
+                            op.setdefault("responses", {})["401"] = {"description": "missing or wrong API key"}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _on_sighup(loop: asyncio.AbstractEventLoop, callback: Any) -> bool:
+    """SIGHUP -> reload check (main thread of a Unix process only; elsewhere POST /setup does it)."""
+    try:
+        loop.add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def _project_key(project: str | None) -> str:
@@ -151,15 +327,22 @@ def _project_key(project: str | None) -> str:
     return (project or "").split(".")[0]
 
 
-def _config_or_422(xml: str, runtime: NerRuntime) -> LabelConfig:
+def _config_or_422(xml: str, labels: list[str]) -> LabelConfig:
     try:
         config = parse_label_config(xml)
-        check_labels(runtime.entity_types, config)
     except LabelConfigMismatch as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
+    _labels_or_422(config, labels)
     return config
 
 
-def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory serve.app:app_from_env``."""
-    return create_app(os.environ.get("NER_MODEL_DIR", "models/onnx"), api_key=os.environ.get(API_KEY_ENV) or None)
+def _labels_or_422(config: LabelConfig, labels: list[str]) -> None:
+    try:
+        check_labels(labels, config)
+    except LabelConfigMismatch as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+def app_from_env() -> NerService:
+    """Factory for ``uvicorn --factory serve.app:app_from_env`` (what ``python -m serve`` runs)."""
+    return create_app(settings=Settings.from_env())

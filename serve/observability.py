@@ -1,0 +1,110 @@
+"""Prometheus metrics (one registry per app) and a structured access log, as a plain ASGI wrapper.
+
+The wrapper sits outside FastAPI's own middleware stack, so it sees the status
+that really went out: 401 from the key check, 413 from the body limit, 422
+from validation and the 500 of an unexpected error alike. Requests are counted
+by route template (``/v1/ner``), never by raw path, so a scan of random URLs
+cannot grow the label set: unknown paths count as ``<unmatched>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.batching import BatchStats
+from serve.reload import ReloadResult
+
+access_log = logging.getLogger("serve.access")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The service's metrics in their own ``CollectorRegistry`` (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ner_http_requests", "HTTP requests by route template, method and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("ner_http_request_duration_seconds", "HTTP request latency, first byte in to "
+                                 "last byte out", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_texts = Histogram("ner_batch_size_texts", "texts per runtime call (micro-batch size)",
+                                     buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("ner_batch_size_requests", "requests grouped into one runtime call",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("ner_batch_duration_seconds", "time of one runtime call",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.model_info = Gauge("ner_model_info", "the model being served (value 1)", ["model_version"],
+                                registry=r)
+        self.reloads = Counter("ner_model_reloads", "model reload attempts by result", ["result"], registry=r)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_texts.observe(stats.texts)
+        self.batch_requests.observe(stats.requests)
+        self.batch_seconds.observe(stats.seconds)
+
+    def set_model(self, model_version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model_version=model_version).set(1)
+
+    def observe_reload(self, result: ReloadResult) -> None:
+        self.reloads.labels(result="ok" if result.reloaded else "error").inc()
+        if result.reloaded:
+            self.set_model(result.model_version)
+
+
+class AccessLog:
+    """ASGI wrapper: one JSON log line and the request metrics for every HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes  # the router's route list: requests are labelled by template
+
+    def route_of(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", "<unmatched>")
+        return "<unmatched>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app fails before it answers
+        sent = 0
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            seconds = time.perf_counter() - start
+            route = self.route_of(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(method=method, route=route, status=str(status)).inc()
+            self.metrics.latency.labels(method=method, route=route).observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                access_log.info(json.dumps({
+                    "method": method, "path": scope["path"], "route": route, "status": status,
+                    "latency_ms": round(seconds * 1000, 2), "bytes": sent,
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                }, ensure_ascii=False))
