@@ -1,0 +1,70 @@
+"""A real Label Studio server connects to the service as its ML backend and stores the service's predictions."""
+
+import httpx
+import pytest
+
+from serve.process import ServiceProcess
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+API_KEY = "ml-backend-key-789"
+CONFIG_XML = (ROOT / "data" / "labelstudio" / "label_config.xml").read_text(encoding="utf-8")
+TEXTS = ["Barack Obama visited Paris and met Angela Merkel", "😀 Apple opened a store in 北京 near New York"]
+
+
+@pytest.fixture(scope="module")
+def backend(pipeline_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-ls") / "serve.log"
+    with ServiceProcess(pipeline_run.path("onnx_dir"), log, env={"NER_API_KEY": API_KEY}) as proc:
+        yield proc
+
+
+def test_label_studio_gets_predictions_from_the_service_as_ml_backend(label_studio, backend):
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+    service = httpx.Client(base_url=backend.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    model_version = service.get("/v1/model").json()["model_version"]
+    expected = service.post("/v1/ner", json={"texts": TEXTS}).json()["results"]
+
+    project = ls.projects.create(title="ml backend", label_config=CONFIG_XML)
+    # Label Studio checks /health and calls /setup here, with its basic-auth settings on every call
+    ml = ls.ml.create(project=project.id, url=backend.url, title="ner service", is_interactive=True,
+                      auth_method="BASIC_AUTH", basic_auth_user="label-studio", basic_auth_pass=API_KEY)
+    assert ml.id
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
+    tasks = {t.data["text"]: t for t in ls.tasks.list(project=project.id)}
+    assert set(tasks) == set(TEXTS)
+
+    # "Retrieve predictions" in the data manager: Label Studio posts the tasks to /predict and stores the results
+    ls.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                      selected_items={"all": True, "excluded": []})
+
+    for text, want in zip(TEXTS, expected):
+        predictions = ls.predictions.list(task=tasks[text].id)
+        assert [p.model_version for p in predictions] == [model_version], label_studio.log_tail()
+        [prediction] = predictions
+        regions = sorted((r["value"]["start"], r["value"]["end"], r["value"]["text"], r["value"]["labels"][0])
+                         for r in prediction.result)
+        assert regions == sorted((e["start"], e["end"], e["text"], e["label"]) for e in want["entities"])
+        for r in prediction.result:
+            assert (r["from_name"], r["to_name"], r["type"]) == ("label", "text", "labels")
+        assert prediction.score == pytest.approx(want["score"], abs=1e-6)
+
+    # every call from Label Studio carried the key (basic auth): no 401 was answered to it
+    metrics = service.get("/metrics").text
+    assert 'route="/predict",status="200"' in metrics and 'route="/setup",status="200"' in metrics
+    assert 'route="/predict",status="401"' not in metrics and 'route="/setup",status="401"' not in metrics
+
+
+def test_label_studio_cannot_connect_the_backend_with_a_wrong_key(label_studio, backend):
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    ls = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+    project = ls.projects.create(title="ml backend, wrong key", label_config=CONFIG_XML)
+    # Label Studio's connection check calls /setup, which needs the key: a wrong one is refused at connect time
+    with pytest.raises(ApiError) as refused:
+        ls.ml.create(project=project.id, url=backend.url, title="wrong key", auth_method="BASIC_AUTH",
+                     basic_auth_user="label-studio", basic_auth_pass="not-the-key")
+    assert refused.value.status_code == 400
