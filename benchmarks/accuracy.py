@@ -1,0 +1,279 @@
+"""Accuracy study: our BERT-BiLSTM-CRF against two baselines on the sample, and ablations of the training advice.
+
+Models, each trained ``--seeds`` times on the same split (``data/conll``) and scored on the test set with the
+pipeline's own seqeval scoring (micro F1, per type), best epoch by dev F1 for every model:
+
+- ``crf``: the train stage as ``dvc repro`` runs it (``params.yaml``);
+- ``softmax``: Hugging Face ``BertForTokenClassification`` on the same encoder, epochs, batch size, encoder
+  rate and warmup, trained by ``Trainer`` (first sub-token of each word labelled, the usual recipe);
+- ``bilstm``: a BiLSTM-CRF without BERT (word embeddings learned from the training words), same epochs,
+  batch size and CRF rate; its own rate for embeddings and BiLSTM (``--bilstm-lr``), since nothing in it is
+  pretrained.
+
+``--ablations`` runs each ablation as a ``dvc exp run -S`` override of the default pipeline (targets up to
+``evaluate``), so every figure is also an experiment in ``dvc exp show``. Writes
+benchmarks/results/accuracy.json.
+
+    .venv/bin/python benchmarks/accuracy.py                          # after `make repro`
+    .venv/bin/python benchmarks/accuracy.py --ablations
+    .venv/bin/python benchmarks/accuracy.py --seeds 0 --models crf --epochs 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchcrf import CRF
+
+from pipeline.atomic import write_json
+from pipeline.conll import Sentence, read_conll
+from pipeline.evaluate import evaluate, score
+from pipeline.model import LengthAwareBiLSTM
+from pipeline.params import load_params
+from pipeline.train import TrainConfig, seed_everything, train
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.accuracy")
+
+ABLATIONS: dict[str, list[str]] = {
+    "default": [],
+    "one_lr": ["train.lr_head=5e-5", "train.lr_crf=5e-5"],
+    "no_warmup": ["train.warmup=0"],
+    "layer_decay_0.8": ["train.layer_decay=0.8"],
+    "lr_crf_1e-3": ["train.lr_crf=1e-3"],
+    "lr_crf_1e-1": ["train.lr_crf=1e-1"],
+    "unconstrained": ["train.constrain_transitions=false"],
+}
+
+
+def run_crf(conll: Path, encoder: Path, config: TrainConfig, seed: int, test: list[Sentence], work: Path) -> dict:
+    train(conll, encoder, work / "model", work / "live", config, seed)
+    return evaluate(work / "model", test)
+
+
+def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sentence], tags: list[str],
+                scheme: str, encoder: Path, config: TrainConfig, seed: int, work: Path) -> dict:
+    import numpy as np
+    from transformers import (AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification,
+                              Trainer, TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder))
+    tag_id = {t: i for i, t in enumerate(tags)}
+
+    def encode(sentences: list[Sentence]) -> list[dict]:
+        rows = []
+        for s in sentences:
+            enc = tokenizer(s.tokens, is_split_into_words=True, truncation=True, max_length=config.max_length)
+            labels, previous = [], None
+            for word in enc.word_ids():
+                labels.append(-100 if word is None or word == previous else tag_id[s.tags[word]])
+                previous = word
+            rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+        return rows
+
+    def to_tags(logits: np.ndarray, labels: np.ndarray) -> list[list[str]]:
+        return [[tags[p] for p, gold in zip(row_p, row_l) if gold != -100]
+                for row_p, row_l in zip(logits.argmax(-1), labels)]
+
+    def dev_f1(prediction) -> dict[str, float]:
+        gold = [[tags[g] for g in row if g != -100] for row in prediction.label_ids]
+        return {"f1": score(gold, to_tags(prediction.predictions, prediction.label_ids), scheme)["f1"]}
+
+    seed_everything(seed)
+    model = BertForTokenClassification.from_pretrained(str(encoder), num_labels=len(tags))
+    args = TrainingArguments(
+        output_dir=str(work / "hf"), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size, num_train_epochs=config.epochs,
+        learning_rate=config.lr_encoder, warmup_steps=config.warmup, weight_decay=config.weight_decay,
+        max_grad_norm=config.grad_clip, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="f1", logging_strategy="no",
+        report_to=[], disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=encode(train_s), eval_dataset=encode(dev_s),
+                      data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=dev_f1)
+    trainer.train()
+    test_rows = encode(test_s)
+    prediction = trainer.predict(test_rows)
+    pred = to_tags(prediction.predictions, prediction.label_ids)
+    # a truncated sentence keeps O for its cut-off words, as a user of this recipe would get
+    pred = [p + ["O"] * (len(s.tags) - len(p)) for p, s in zip(pred, test_s)]
+    return score([s.tags for s in test_s], pred, scheme)
+
+
+class WordBiLstmCrf(torch.nn.Module):
+    """The pre-BERT classic: learned word embeddings, a BiLSTM and a CRF."""
+
+    def __init__(self, vocab: int, tags: int, hidden: int, dim: int = 100, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim, padding_idx=0)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.lstm = LengthAwareBiLSTM(dim, hidden, 1, 0.0)
+        self.out = torch.nn.Linear(2 * hidden, tags)
+        self.crf = CRF(tags, batch_first=True)
+
+    def emissions(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(self.lstm(self.dropout(self.embed(ids)), mask.sum(1))))
+
+
+def run_bilstm(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sentence], tags: list[str],
+               scheme: str, config: TrainConfig, seed: int, epochs: int, lr: float) -> dict:
+    import random
+
+    seed_everything(seed)
+    counts = Counter(w.lower() for s in train_s for w in s.tokens)
+    vocab = {w: i + 2 for i, w in enumerate(sorted(w for w, n in counts.items() if n > 1))}  # 0 pad, 1 unknown
+    tag_id = {t: i for i, t in enumerate(tags)}
+
+    def batch(sentences: list[Sentence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, width = len(sentences), max(len(s.tokens) for s in sentences)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        gold = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, s in enumerate(sentences):
+            ids[i, :len(s.tokens)] = torch.tensor([vocab.get(w.lower(), 1) for w in s.tokens])
+            gold[i, :len(s.tags)] = torch.tensor([tag_id[t] for t in s.tags])
+            mask[i, :len(s.tokens)] = 1
+        return ids, gold, mask
+
+    @torch.inference_mode()
+    def predict(model: WordBiLstmCrf, sentences: list[Sentence]) -> list[list[str]]:
+        model.eval()
+        out = []
+        for lo in range(0, len(sentences), 64):
+            ids, _, mask = batch(sentences[lo:lo + 64])
+            out.extend([tags[t] for t in path] for path in model.crf.decode(model.emissions(ids, mask), mask.bool()))
+        return out
+
+    model = WordBiLstmCrf(len(vocab) + 2, len(tags), config.lstm_hidden)
+    optimizer = torch.optim.Adam([
+        {"params": [p for n, p in model.named_parameters() if not n.startswith("crf.")], "lr": lr},
+        {"params": model.crf.parameters(), "lr": config.lr_crf}])
+    rng = random.Random(seed)
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        model.train()
+        order = list(range(len(train_s)))
+        rng.shuffle(order)
+        for lo in range(0, len(order), config.batch_size):
+            ids, gold, mask = batch([train_s[i] for i in order[lo:lo + config.batch_size]])
+            loss = -model.crf(model.emissions(ids, mask), gold, mask.bool(), reduction="mean")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+        f1 = score([s.tags for s in dev_s], predict(model, dev_s), scheme)["f1"]
+        if f1 > best:
+            best, best_state = f1, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return score([s.tags for s in test_s], predict(model, test_s), scheme)
+
+
+def run_ablation(name: str, overrides: list[str]) -> dict:
+    """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    sets = [a for o in overrides for a in ("-S", o)]
+    subprocess.run([dvc, "exp", "run", "--force", "-n", f"acc-{name}", *sets, "evaluate"], cwd=ROOT, check=True)
+    shown = json.loads(subprocess.run([dvc, "exp", "show", "--json"], cwd=ROOT, check=True, capture_output=True,
+                                      text=True).stdout)
+
+    def find(node: Any) -> dict | None:
+        if isinstance(node, dict):
+            if node.get("name") == f"acc-{name}" and isinstance(node.get("data"), dict):
+                return node["data"]["metrics"]["metrics/eval.json"]["data"]["test"]
+            node = list(node.values())
+        if isinstance(node, list):
+            for child in node:
+                hit = find(child)
+                if hit is not None:
+                    return hit
+        return None
+
+    metrics = find(shown)
+    if metrics is None:
+        raise RuntimeError(f"experiment acc-{name} not found in `dvc exp show`")
+    return metrics
+
+
+def summarise(runs: list[dict]) -> dict:
+    f1 = [r["f1"] for r in runs]
+    types = sorted({t for r in runs for t in r["per_type"]})
+    return {
+        "f1_mean": statistics.mean(f1), "f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0, "f1": f1,
+        "per_type_f1_mean": {t: statistics.mean(r["per_type"].get(t, {}).get("f1", 0.0) for r in runs)
+                             for t in types},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=["crf", "softmax", "bilstm"],
+                        choices=["crf", "softmax", "bilstm"])
+    parser.add_argument("--epochs", type=int, help="override train.epochs for every model")
+    parser.add_argument("--bilstm-epochs", type=int, help="epochs for the model without BERT (default: same)")
+    parser.add_argument("--bilstm-lr", type=float, default=5e-3,
+                        help="its embedding/BiLSTM rate: learned from scratch, it needs more than a BERT head")
+    parser.add_argument("--ablations", action="store_true", help="also run the ablations through dvc exp")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    params = load_params(ROOT / "params.yaml")
+    conll = ROOT / params["paths"]["conll_dir"]
+    encoder = ROOT / params["paths"]["encoder"]
+    if not (conll / "train.conll").is_file():
+        raise SystemExit(f"{conll}/train.conll not found: run `dvc repro convert` first")
+    config = TrainConfig.from_params(params["train"])
+    if args.epochs:
+        config = replace(config, epochs=args.epochs)
+    labels = json.loads((conll / "labels.json").read_text())
+    tags, scheme = labels["tags"], labels["scheme"]
+    train_s, dev_s, test_s = (list(read_conll(conll / f"{split}.conll")) for split in ("train", "dev", "test"))
+
+    results: dict[str, list[dict]] = {m: [] for m in args.models}
+    for seed in args.seeds:
+        for name in args.models:
+            with tempfile.TemporaryDirectory() as tmp:
+                work = Path(tmp)
+                if name == "crf":
+                    metrics = run_crf(conll, encoder, config, seed, test_s, work)
+                elif name == "softmax":
+                    metrics = run_softmax(train_s, dev_s, test_s, tags, scheme, encoder, config, seed, work)
+                else:
+                    metrics = run_bilstm(train_s, dev_s, test_s, tags, scheme, config, seed,
+                                         args.bilstm_epochs or config.epochs, args.bilstm_lr)
+            results[name].append(metrics)
+            log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
+    report: dict[str, Any] = {
+        "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s),
+        "seeds": args.seeds, "epochs": config.epochs, "batch_size": config.batch_size,
+        "models": {name: summarise(runs) for name, runs in results.items() if runs},
+    }
+    models = report["models"]
+    if "crf" in models and "softmax" in models:
+        report["crf_minus_softmax_f1_points"] = 100 * (models["crf"]["f1_mean"] - models["softmax"]["f1_mean"])
+        report["target"] = "crf >= softmax + 1.0 F1 point on average"
+    if args.ablations:
+        report["ablations"] = {}
+        for name, overrides in ABLATIONS.items():
+            metrics = run_ablation(name, overrides)
+            report["ablations"][name] = {"overrides": overrides, "f1": metrics["f1"],
+                                         "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
+            log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
+    write_json(args.out, report)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
