@@ -20,6 +20,7 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--model-dir": "model_dir",
     "--max-batch-size": "max_batch_size",
     "--max-wait-ms": "max_wait_ms",
+    "--onnx-batch-size": "onnx_batch_size",
     "--max-texts": "max_texts",
     "--max-chars": "max_chars",
     "--max-body-bytes": "max_body_bytes",

@@ -47,14 +47,16 @@ class Settings:
     max_texts: int = 256            # texts per request
     max_chars: int = 100_000        # characters per text (long texts are windowed)
     max_body_bytes: int = 10 << 20  # request body
-    max_batch_size: int = 32        # texts per runtime call
-    max_wait_ms: float = 5.0        # how long a batch waits for company after its first request
+    max_batch_size: int = 64        # texts per runtime call (micro-batch)
+    max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
+    onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
     quantized: bool = False         # serve model.int8.onnx
-    threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
+    threads: int = 0                # ONNX Runtime intra-op threads (0: all cores but one, which HTTP keeps)
 
     ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
+           "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS"}
 
     @classmethod
@@ -70,6 +72,13 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{cls.ENV[f.name]}={raw!r} is not a valid {f.name}") from None
         return cls(**values)
+
+    def ort_threads(self) -> int:
+        """ONNX Runtime's threads spin while they wait for work: leave the event loop a core of its own."""
+        if self.threads > 0:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores - 1)
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -165,7 +174,8 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
         settings = Settings(**{**{f.name: getattr(settings, f.name) for f in fields(Settings)}, **overrides})
 
     def load(path: Path) -> NerRuntime:
-        return NerRuntime(path, quantized=settings.quantized, threads=settings.threads)
+        return NerRuntime(path, quantized=settings.quantized, threads=settings.ort_threads(),
+                          batch_size=max(1, settings.onnx_batch_size))
 
     metrics = Metrics()
     runtime = load(settings.model_dir)
@@ -183,8 +193,9 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
         await batcher.submit(["warm up"])  # first ONNX run builds kernels; then we are ready
         sighup = _on_sighup(loop, lambda: loop.run_in_executor(None, reloader.check))
         state["ready"] = True
-        log.info("serving %s from %s (max batch %d texts, max wait %.1f ms)", batcher.runtime.model_version,
-                 settings.model_dir, settings.max_batch_size, settings.max_wait_ms)
+        log.info("serving %s from %s (micro-batches of up to %d texts, max wait %.1f ms, ONNX runs of %d)",
+                 batcher.runtime.model_version, settings.model_dir, settings.max_batch_size, settings.max_wait_ms,
+                 settings.onnx_batch_size)
         try:
             yield
         finally:

@@ -1,0 +1,246 @@
+"""Load test of the NER service over loopback, against the in-process runtime and a server without batching.
+
+In one run: the in-process batched runtime's sentences/s on the same texts;
+then ``python -m serve`` with micro-batching (the defaults) and the same server
+with ``--max-batch-size 1`` (one request per ONNX run), each driven by 1, 8 and
+32 concurrent keep-alive clients that send one text per ``POST /v1/ner``
+request. Every level sends a fixed number of requests and stops early at a
+time cap. Reports requests/s, p50/p99 latency, errors, the server's mean batch
+size, and the ratios the issue sets as targets. Writes
+benchmarks/results/serve.json.
+
+    .venv/bin/python benchmarks/serve.py                      # after `make repro`
+    .venv/bin/python benchmarks/serve.py --requests 500 --clients 1 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+# This script is named serve.py: keep its own folder off the import path, so `serve` is the service package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from pipeline.atomic import write_json  # noqa: E402
+from pipeline.convert import iter_export, task_text  # noqa: E402
+from pipeline.inference import NerRuntime  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.words import split_words  # noqa: E402
+from serve.app import Settings  # noqa: E402
+from serve.process import ServiceProcess  # noqa: E402
+
+log = logging.getLogger("benchmarks.serve")
+TARGET_VS_IN_PROCESS = 0.7
+TARGET_VS_NO_BATCHING = 5.0
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client: the load generator shares 2 cores with the server, so it stays lean."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        payload = await self.reader.readexactly(int(fields.get("content-length", "0")))
+        if fields.get("connection", "").lower() == "close":
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except ConnectionError:
+                pass
+        self.reader = self.writer = None
+
+
+async def load(port: int, bodies: list[bytes], clients: int, requests: int, max_seconds: float) -> dict:
+    """``clients`` connections send ``requests`` requests in all (or stop at ``max_seconds``)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + max_seconds
+
+    async def client() -> None:
+        conn = Connection(port)
+        try:
+            for i in counter:
+                if time.perf_counter() > deadline:
+                    break
+                start = time.perf_counter()
+                try:
+                    status, payload = await conn.post("/v1/ner", bodies[i % len(bodies)])
+                    ok = status == 200 and len(json.loads(payload)["results"]) == 1
+                except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
+                    status, ok = repr(exc), False
+                    await conn.close()
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors.append(str(status))
+        finally:
+            await conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.perf_counter() - start
+    latencies.sort()
+    done = len(latencies)
+    return {
+        "clients": clients, "requests": done + len(errors), "ok": done, "errors": len(errors),
+        "error_kinds": sorted(set(errors))[:5], "seconds": round(seconds, 2),
+        "requests_per_s": round(done / seconds, 1),
+        "p50_ms": round(1000 * latencies[done // 2], 1) if done else None,
+        "p99_ms": round(1000 * latencies[min(done - 1, int(done * 0.99))], 1) if done else None,
+        "capped_by_time": done + len(errors) < requests,
+    }
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name in ("ner_batch_size_texts_sum", "ner_batch_size_texts_count")}
+
+
+def run_server(name: str, model_dir: str, env: dict[str, str], bodies: list[bytes], levels: list[int],
+               requests: int, max_seconds: float, log_dir: Path) -> dict:
+    results = {}
+    with ServiceProcess(model_dir, log_dir / f"{name}.log", env={"NER_API_KEY": "", **env}) as svc:
+        asyncio.run(load(svc.port, bodies, 8, 64, 60))  # warm-up: ORT kernels, connections, code paths
+        for clients in levels:
+            before = scrape(svc.url)
+            res = asyncio.run(load(svc.port, bodies, clients, requests, max_seconds))
+            after = scrape(svc.url)
+            batches = after["ner_batch_size_texts_count"] - before["ner_batch_size_texts_count"]
+            texts = after["ner_batch_size_texts_sum"] - before["ner_batch_size_texts_sum"]
+            res["mean_batch_texts"] = round(texts / batches, 2) if batches else None
+            results[str(clients)] = res
+            log.info("%-12s %2d clients: %7.1f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d  mean batch %s",
+                     name, clients, res["requests_per_s"], res["p50_ms"] or -1, res["p99_ms"] or -1,
+                     res["errors"], res["mean_batch_texts"])
+    return results
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-dir", help="default: paths.onnx_dir of params.yaml")
+    parser.add_argument("--texts", type=int, default=1000, help="distinct texts, sent round-robin")
+    parser.add_argument("--requests", type=int, default=600, help="requests per concurrency level")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per level")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=Settings.max_batch_size)
+    parser.add_argument("--max-wait-ms", type=float, default=Settings.max_wait_ms)
+    parser.add_argument("--onnx-batch-size", type=int, default=Settings.onnx_batch_size)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/serve.json")
+    args = parser.parse_args()
+    paths = load_params(args.params)["paths"]
+    model_dir = args.model_dir or paths["onnx_dir"]
+
+    texts = [task_text(t, "text") for t in iter_export(paths["export"])]
+    texts = [t for t in texts if t.strip()][:args.texts]
+    bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
+
+    # In-process: the runtime the server uses, no HTTP, best of N, measured before any server runs. The
+    # reference is the fastest of: the predict stage's way (defaults: all texts in one call, length-sorted ONNX
+    # runs of 32, one thread per core), the same with the server's ONNX run size and threads, and the server's
+    # micro-batches back to back.
+    threads = Settings().ort_threads()
+    contenders = {
+        "one_call_onnx_batch_32_all_cores": (32, 0, len(texts)),
+        f"one_call_onnx_batch_{args.onnx_batch_size}_threads_{threads}": (args.onnx_batch_size, threads, len(texts)),
+        f"chunks_of_{args.max_batch_size}_onnx_batch_{args.onnx_batch_size}_threads_{threads}": (
+            args.onnx_batch_size, threads, args.max_batch_size),
+    }
+    in_process = {}
+    for name, (onnx_batch, n_threads, chunk) in contenders.items():
+        runtime = NerRuntime(model_dir, batch_size=onnx_batch, threads=n_threads)
+        runtime.predict(texts[:64])
+        best = min(_timed(lambda: [runtime.predict(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
+                   for _ in range(args.repeats))
+        in_process[name] = {"seconds": round(best, 3), "sentences_per_s": round(len(texts) / best, 1)}
+        log.info("in-process %-40s %7.1f sentences/s", name, in_process[name]["sentences_per_s"])
+    reference = max(in_process, key=lambda k: in_process[k]["sentences_per_s"])
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        batched = run_server("batched", model_dir, {"NER_MAX_BATCH_SIZE": str(args.max_batch_size),
+                                                    "NER_MAX_WAIT_MS": str(args.max_wait_ms),
+                                                    "NER_ONNX_BATCH_SIZE": str(args.onnx_batch_size)},
+                             bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
+        unbatched = run_server("no_batching", model_dir, {"NER_MAX_BATCH_SIZE": "1", "NER_MAX_WAIT_MS": "0",
+                                                          "NER_ONNX_BATCH_SIZE": "1"},
+                               bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
+
+    top = str(max(args.clients))
+    ratios = {
+        f"{top}_clients_vs_in_process": round(
+            batched[top]["requests_per_s"] / in_process[reference]["sentences_per_s"], 2),
+        f"{top}_clients_vs_no_batching": round(batched[top]["requests_per_s"] / unbatched[top]["requests_per_s"], 2),
+        "in_process_vs_one_text_per_call_server": round(
+            in_process[reference]["sentences_per_s"] / unbatched[top]["requests_per_s"], 2),
+    }
+    errors = sum(r["errors"] for r in (*batched.values(), *unbatched.values()))
+    report = {
+        "model_dir": str(model_dir),
+        "texts": len(texts),
+        "mean_words": round(statistics.mean(len(split_words(t)) for t in texts), 1),
+        "requests_per_level": args.requests,
+        "max_seconds_per_level": args.max_seconds,
+        "server": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                   "onnx_batch_size": args.onnx_batch_size, "ort_threads": threads, "workers": 1},
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "in_process": in_process,
+        "in_process_reference": reference,
+        "batched": batched,
+        "no_batching": unbatched,
+        "ratios": ratios,
+        "targets": {"errors": 0, "vs_in_process": TARGET_VS_IN_PROCESS, "vs_no_batching": TARGET_VS_NO_BATCHING},
+        "met": {"errors": errors == 0,
+                "vs_in_process": ratios[f"{top}_clients_vs_in_process"] >= TARGET_VS_IN_PROCESS,
+                "vs_no_batching": ratios[f"{top}_clients_vs_no_batching"] >= TARGET_VS_NO_BATCHING},
+    }
+    for key, value in ratios.items():
+        log.info("%-40s %.2f", key, value)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, report)
+    log.info("wrote %s", args.out)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
