@@ -153,15 +153,41 @@ class PredictResponse(BaseModel):
     results: list[dict[str, Any]] = Field(description="one Label Studio prediction per task, in task order")
 
 
+class InFlight:
+    """Counts the requests to the inference routes that are inside the app (for the batcher's ``arrivals``)."""
+
+    def __init__(self, app: Any, paths: frozenset[str]) -> None:
+        self.app, self.paths, self.count = app, paths, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        self.count += 1  # only the event loop thread touches it
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.count -= 1
+
+
+INFERENCE_PATHS = frozenset({"/v1/ner", "/predict"})
+
+
 class NerService(FastAPI):
-    """FastAPI with the access log and the key check wrapped around its whole middleware stack."""
+    """FastAPI with the access log, the key check and the in-flight count around its whole middleware stack."""
 
     metrics: Metrics
     api_key: str | None
+    in_flight: InFlight | None = None
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's signature
-        inner = ApiKeyAuth(super().build_middleware_stack(), self.api_key)
-        return AccessLog(inner, self.metrics, self.router.routes)
+        self.in_flight = InFlight(super().build_middleware_stack(), INFERENCE_PATHS)
+        return AccessLog(ApiKeyAuth(self.in_flight, self.api_key), self.metrics, self.router.routes)
+
+    def arrivals(self) -> int:
+        """Requests inside the app that the batcher has not been handed yet (read from the worker thread)."""
+        batcher = self.state.batcher
+        return (self.in_flight.count if self.in_flight else 0) - batcher.outstanding
 
 
 def create_app(model_dir: str | Path | None = None, *, settings: Settings | None = None,
@@ -210,6 +236,7 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
                                  "backend. Every route except /health and /ready needs the API key when one "
                                  "is set (Bearer token, or basic auth with the key as password).")
     app.metrics, app.api_key = metrics, settings.api_key
+    batcher.arrivals = app.arrivals
     app.state.batcher, app.state.reloader, app.state.settings = batcher, reloader, settings
 
     def check_texts(texts: list[str]) -> None:

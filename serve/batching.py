@@ -8,6 +8,10 @@ sorts them by length into ONNX batches), and hands each request its own slice
 of the results. Requests that arrive while a batch runs queue up and form the
 next batch, so under load batches fill without waiting.
 
+Waiting only pays when company is on its way. With ``arrivals`` (the server's
+count of requests it has accepted but not yet handed over), the worker stops
+waiting as soon as nobody is on the way: a lone client never pays the wait.
+
 The runtime is read once per batch: swapping ``batcher.runtime`` (hot reload)
 lets the batch in flight finish on the old model while the next one uses the
 new. If a batch of several requests fails, each request is retried alone, so
@@ -70,7 +74,8 @@ class MicroBatcher:
     """Groups concurrent ``submit`` calls into single ``runtime.predict`` calls."""
 
     def __init__(self, runtime: Runtime, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 arrivals: Callable[[], int] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -79,6 +84,8 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        self.arrivals = arrivals
+        self.outstanding = 0  # submitted, not yet answered
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -115,8 +122,14 @@ class MicroBatcher:
         with self._lock:  # no item may slip in behind _STOP
             if self._closed:
                 raise BatcherClosed("batcher is closed")
+            self.outstanding += 1
             self._queue.put(item)
+        item.future.add_done_callback(self._answered)
         return item.future
+
+    def _answered(self, _: Future) -> None:
+        with self._lock:
+            self.outstanding -= 1
 
     async def submit(self, texts: list[str]) -> Batched:
         """Await the predictions for ``texts`` without blocking the event loop."""
@@ -147,7 +160,7 @@ class MicroBatcher:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 or (self.arrivals is not None and self.arrivals() <= 0):
                         break
                     try:
                         item = self._queue.get(timeout=left)

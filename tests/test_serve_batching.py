@@ -138,6 +138,31 @@ def test_on_batch_reports_texts_and_requests_per_runtime_call(held):
     assert [(s.texts, s.requests) for s in seen] == [(1, 1), (3, 2)]
 
 
+def test_a_lone_request_does_not_wait_when_nothing_else_is_arriving():
+    runtime = FakeRuntime()
+    batcher = MicroBatcher(runtime, max_batch_size=8, max_wait_ms=600_000, arrivals=lambda: 0)
+    assert batcher.predict(["alone"]).predictions == ["v1:ALONE"]  # a wait would block for ten minutes
+    batcher.close()
+
+
+def test_the_batch_waits_for_a_request_that_is_on_its_way():
+    runtime = FakeRuntime()
+    later: list = []
+
+    def arrivals() -> int:  # asked only when the queue is empty: the second request arrives while it waits
+        if not later:
+            later.append(batcher.submit_nowait(["second"]))
+            return 1
+        return 0
+
+    batcher = MicroBatcher(runtime, max_batch_size=2, max_wait_ms=600_000, arrivals=arrivals)
+    first = batcher.submit_nowait(["first"])
+    assert first.result(30).predictions == ["v1:FIRST"]
+    assert later[0].result(30).predictions == ["v1:SECOND"]
+    assert runtime.calls == [["first", "second"]]
+    batcher.close()
+
+
 class Holder:
     def __init__(self, runtime):
         self.runtime = runtime
