@@ -4,6 +4,19 @@ The ONNX graph holds encoder + BiLSTM + linear with the first-sub-token
 gather; the CRF (transitions, start/end scores, tag names) goes beside it in
 ``crf.json`` and is decoded in numpy. The export fails, leaving the previous
 folder in place, if emissions or decoded tags differ from PyTorch.
+
+Both served files are optimized here, once: the fp32 graph gets attention,
+LayerNorm and GELU fused (``onnxruntime.transformers``), and both pass
+through ONNX Runtime's graph optimizer and are saved as optimized. The
+runtime loads them with optimizations off, so what it serves is exactly the
+graph that the parity and F1 checks below ran on.
+
+int8 is mixed: the MatMuls most sensitive to per-tensor activation
+quantization (by default the first layer's feed-forward pair and the second
+layer's feed-forward output, found by a per-layer sensitivity sweep) become
+8-bit block-wise ``MatMulNBits`` (activations quantized per block of
+``block_size``, int8 compute); every other MatMul and the LSTM are dynamically
+quantized with per-channel int8 weights.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -26,7 +40,7 @@ from pipeline.data import collate, make_examples
 from pipeline.encoding import load_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.evaluate import score
-from pipeline.inference import CRF_FILE, INFO_FILE, MODEL_FILE, QUANTIZED_FILE, NerRuntime
+from pipeline.inference import CRF_FILE, INFO_FILE, MODEL_FILE, QUANTIZED_FILE, OPTIMIZED_LEVEL, NerRuntime
 from pipeline.model import LABELS, BertBiLstmCrf, load_model
 from pipeline.viterbi import CrfParams, viterbi_decode
 
@@ -34,6 +48,9 @@ log = logging.getLogger(__name__)
 
 INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# Node-name patterns (torch.onnx names of a Hugging Face BertModel) of the MatMuls kept 8-bit block-wise.
+INT8_BLOCKWISE = ("/encoder/layer.0/intermediate/dense/", "/encoder/layer.0/output/dense/",
+                  "/encoder/layer.1/output/dense/")
 
 
 class ExportError(PipelineError):
@@ -41,6 +58,7 @@ class ExportError(PipelineError):
 
 
 def export_onnx(model: BertBiLstmCrf, path: Path, opset: int) -> None:
+    """Trace the emission graph; attention is traced in its plain (eager) form, which ORT can fuse."""
     model.eval()
     dummy = (torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]]),
              torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
@@ -49,10 +67,124 @@ def export_onnx(model: BertBiLstmCrf, path: Path, opset: int) -> None:
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "word_index": {0: "batch", 1: "words"}, "word_mask": {0: "batch", 1: "words"},
             "emissions": {0: "batch", 1: "words"}}
-    with torch.inference_mode():
-        torch.onnx.export(model, dummy, str(path), input_names=INPUTS, output_names=["emissions"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    attn = model.bert.config._attn_implementation
+    if hasattr(model.bert, "set_attn_implementation"):
+        model.bert.set_attn_implementation("eager")  # same maths as sdpa; its ONNX pattern fuses into Attention
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(model, dummy, str(path), input_names=INPUTS, output_names=["emissions"],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+    finally:
+        if hasattr(model.bert, "set_attn_implementation"):
+            model.bert.set_attn_implementation(attn)
     onnx.checker.check_model(str(path))
+
+
+def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Attention, embedding/skip LayerNorm and bias-GELU fusions of ``onnxruntime.transformers``."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    fused.save_model_to_file(str(dst))
+    return {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+
+
+def optimize_for_cpu(src: Path, dst: Path) -> None:
+    """Run ORT's graph optimizer once and save the result; the runtime then loads it as is."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZED_LEVEL
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+def calibration_feeds(model: BertBiLstmCrf, sentences: list[Sentence], model_dir: Path,
+                      batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+    """Padded input batches of ``sentences``, for measuring activation ranges."""
+    tokenizer, specials = load_tokenizer(model_dir)
+    tags = {t: 0 for s in sentences for t in s.tags}
+    examples = sorted(make_examples(sentences, tokenizer, specials, tags, model.head_config.max_length),
+                      key=lambda e: len(e.input_ids))
+    return [{k: v.numpy() for k, v in collate(examples[lo:lo + batch_size], specials.pad).items() if k in INPUTS}
+            for lo in range(0, len(examples), batch_size)]
+
+
+def smooth_activations(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], alpha: float) -> int:
+    """SmoothQuant: ``X @ W`` becomes ``(X / s) @ (s W)``, the same function in fp32.
+
+    Per-tensor int8 activations lose the small channels next to a few large
+    outlier channels (LayerNorm outputs here peak at 15x their median
+    channel). ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, with
+    ``max|X_j|`` measured on ``feeds``, moves part of that range into the
+    weights, which are quantized per output channel. One ``Mul`` per
+    activation tensor, shared by the MatMuls that read it.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if (node.op_type == "MatMul" and node.input[1] in weights and node.input[0] not in weights
+                and len(weights[node.input[1]].dims) == 2):
+            readers.setdefault(node.input[0], []).append(node)
+    probe = onnx.load(str(src))
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in readers)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(readers)
+    amax = {n: np.zeros(0, dtype=np.float32) for n in names}
+    for feed in feeds:
+        for n, value in zip(names, session.run(names, feed)):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            amax[n] = m if not amax[n].size else np.maximum(amax[n], m)
+    for n, nodes in readers.items():
+        ws = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+        scale = (np.maximum(amax[n], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)).astype(np.float32)
+        inverse = numpy_helper.from_array((1 / scale).astype(np.float32), f"{n}/smooth_scale")
+        graph.initializer.append(inverse)
+        first = min(list(graph.node).index(node) for node in nodes)
+        graph.node.insert(first, helper.make_node("Mul", [n, inverse.name], [f"{n}/smoothed"], name=f"{n}/smooth"))
+        for node, w in zip(nodes, ws):
+            scaled = numpy_helper.from_array((w * scale[:, None]).astype(np.float32), f"{node.input[1]}/smoothed")
+            graph.initializer.append(scaled)
+            node.input[0], node.input[1] = f"{n}/smoothed", scaled.name
+    used = {i for node in graph.node for i in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return len(readers)
+
+
+def quantize_int8(src: Path, dst: Path, work: Path, blockwise: list[str], block_size: int = 128,
+                  embeddings: bool = False, smooth: float = 0.0,
+                  feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Mixed int8: ``blockwise`` MatMuls as 8-bit MatMulNBits, the rest dynamic per-channel int8."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    smoothed = 0
+    if smooth > 0 and feeds:
+        smoothed = smooth_activations(src, work / "smoothed.onnx", feeds, smooth)
+        src = work / "smoothed.onnx"
+    model = onnx.load(str(src))
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    chosen = [n for n in matmuls if any(p in n for p in blockwise)]
+    stage = src
+    if chosen:
+        nbits = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=("MatMul",),
+                                     nodes_to_exclude=[n for n in matmuls if n not in chosen])
+        nbits.process()
+        stage = work / "blockwise.onnx"
+        nbits.model.save_model_to_file(str(stage), use_external_data_format=False)
+    quantize_dynamic(str(stage), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "LSTM"] + (["Gather"] if embeddings else []),
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+    return {"blockwise_matmuls": len(chosen), "dynamic_matmuls": len(matmuls) - len(chosen),
+            "block_size": block_size, "embeddings": embeddings, "smooth_alpha": smooth, "smoothed_inputs": smoothed}
 
 
 def crf_dict(model: BertBiLstmCrf, tags: list[str]) -> dict[str, Any]:
@@ -90,15 +222,36 @@ def runtime_f1(runtime: NerRuntime, sentences: list[Sentence], scheme: str) -> f
     return score([s.tags for s in sentences], pred, scheme)["f1"]
 
 
+def int8_agreement(fp32: NerRuntime, int8: NerRuntime, sentences: list[Sentence]) -> dict[str, Any]:
+    """How far int8 moves from fp32 on ``sentences``: emission error and changed decoded paths."""
+    words = [s.tokens for s in sentences]
+    a, b = np.concatenate(fp32.word_emissions(words)), np.concatenate(int8.word_emissions(words))
+    changed = sum(x != y for x, y in zip(fp32.tag_words(words), int8.tag_words(words)))
+    return {"relative_emission_error": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)),
+            "changed_sequences": changed, "sequences": len(words)}
+
+
 def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, metrics_path: str | Path, *,
-           opset: int = 17, quantize: bool = True, max_abs_diff: float = 1e-4) -> dict[str, Any]:
+           opset: int = 17, quantize: bool = True, max_abs_diff: float = 1e-4, fuse: bool = True,
+           int8_blockwise: list[str] | tuple[str, ...] = INT8_BLOCKWISE, int8_block_size: int = 128,
+           int8_embeddings: bool = False, int8_smooth: float = 0.8, int8_calibration: int = 256,
+           threads: int = 0) -> dict[str, Any]:
     model_dir, conll_dir = Path(model_dir), Path(conll_dir)
     model, labels = load_model(model_dir)
     dev = list(read_conll(conll_dir / "dev.conll"))
     test = list(read_conll(conll_dir / "test.conll"))
     metrics: dict[str, Any] = {}
     with atomic_dir(onnx_dir) as out:
-        export_onnx(model, out / MODEL_FILE, opset)
+        work = out / ".work"
+        work.mkdir()
+        raw = work / "raw.onnx"
+        export_onnx(model, raw, opset)
+        fp32_src = raw
+        if fuse:
+            fp32_src = work / "fused.onnx"
+            config = model.bert.config
+            metrics["fused_ops"] = fuse_transformer(raw, fp32_src, config.num_attention_heads, config.hidden_size)
+        optimize_for_cpu(fp32_src, out / MODEL_FILE)
         (out / CRF_FILE).write_text(json.dumps(crf_dict(model, labels["tags"])) + "\n")
         (out / LABELS).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
         for name in TOKENIZER_FILES:
@@ -107,10 +260,11 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
         digest = hashlib.sha256((out / MODEL_FILE).read_bytes()).hexdigest()[:12]
         info = {"model_version": f"bert-bilstm-crf-{digest}", "entity_types": labels["entity_types"],
                 "scheme": labels["scheme"], "max_length": model.head_config.max_length,
-                "encoder_layers": model.bert.config.num_hidden_layers, "hidden_size": model.bert.config.hidden_size}
+                "encoder_layers": model.bert.config.num_hidden_layers, "hidden_size": model.bert.config.hidden_size,
+                "graph_optimized": True}
         write_json(out / INFO_FILE, info)
 
-        runtime = NerRuntime(out)
+        runtime = NerRuntime(out, threads=threads)
         parity = check_parity(model, runtime, dev, out)
         metrics["parity"] = parity
         log.info("parity on %d dev sequences: max |diff| %.2e, %d decoded paths differ", parity["sequences"],
@@ -122,13 +276,20 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
         metrics["test_f1_fp32"] = runtime_f1(runtime, test, labels["scheme"])
         metrics["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
         if quantize:
-            quantize_dynamic(str(out / MODEL_FILE), str(out / QUANTIZED_FILE), weight_type=QuantType.QInt8,
-                             per_channel=True)
-            int8 = NerRuntime(out, quantized=True)
+            feeds = None
+            if int8_smooth > 0:
+                calibration = list(read_conll(conll_dir / "train.conll"))[:int8_calibration]
+                feeds = calibration_feeds(model, calibration, model_dir)
+            metrics["int8_scheme"] = quantize_int8(raw, work / "int8.onnx", work, list(int8_blockwise),
+                                                   int8_block_size, int8_embeddings, int8_smooth, feeds)
+            optimize_for_cpu(work / "int8.onnx", out / QUANTIZED_FILE)
+            int8 = NerRuntime(out, quantized=True, threads=threads)
             metrics["test_f1_int8"] = runtime_f1(int8, test, labels["scheme"])
             metrics["int8_f1_delta"] = metrics["test_f1_int8"] - metrics["test_f1_fp32"]
+            metrics["int8_vs_fp32_dev"] = int8_agreement(runtime, int8, dev)
             metrics["int8_mb"] = round((out / QUANTIZED_FILE).stat().st_size / 2**20, 2)
         metrics["model_version"] = info["model_version"]
+        shutil.rmtree(work)
     write_json(metrics_path, metrics)
     log.info("exported %s: test F1 fp32 %.4f%s", info["model_version"], metrics["test_f1_fp32"],
              f", int8 {metrics['test_f1_int8']:.4f}" if quantize else "")
@@ -138,4 +299,7 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
 def main(params: dict[str, Any]) -> None:
     paths, conf = params["paths"], params["export"]
     export(paths["model_dir"], paths["onnx_dir"], paths["conll_dir"], paths["export_metrics"],
-           opset=conf["opset"], quantize=conf["quantize"], max_abs_diff=conf["max_abs_diff"])
+           opset=conf["opset"], quantize=conf["quantize"], max_abs_diff=conf["max_abs_diff"],
+           fuse=conf["fuse"], int8_blockwise=conf["int8_blockwise"], int8_block_size=conf["int8_block_size"],
+           int8_embeddings=conf["int8_embeddings"], int8_smooth=conf["int8_smooth"],
+           int8_calibration=conf["int8_calibration"], threads=params["predict"]["threads"])

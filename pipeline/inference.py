@@ -30,6 +30,22 @@ MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model.int8.onnx"
 CRF_FILE = "crf.json"
 INFO_FILE = "model_info.json"
+# Export saves both graphs optimized at this level (portable: no hardware-specific layouts), and the runtime
+# loads such files with optimizations off, so nothing is rebuilt at load and the served graph is the one
+# export checked. Folders exported before this (no ``graph_optimized`` in model_info.json) are optimized at load.
+OPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
 
 
 @dataclass(frozen=True)
@@ -79,11 +95,8 @@ class NerRuntime:
         self.tokenizer, self.specials = load_tokenizer(self.model_dir)
         self.max_tokens = min(max_tokens, int(self.info.get("max_length", 512))) - 2
         self.batch_size = batch_size
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        self.onnx_path = onnx_path
+        options = session_options(threads, optimized=bool(self.info.get("graph_optimized")))
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def predict(self, texts: list[str]) -> list[TextPrediction]:

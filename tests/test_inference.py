@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.encoding import plan_windows
+from pipeline.encoding import Window, plan_windows, window_inputs, word_pieces
 from pipeline.inference import NerRuntime
+from pipeline.words import split_words
+from tests.conftest import SPECIAL_TEXTS
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,8 @@ def test_runtime_runs_without_torch(pipeline_run):
         "from pipeline.inference import NerRuntime\n"
         f"r = NerRuntime({str(pipeline_run.path('onnx_dir'))!r})\n"
         "p = r.predict(['Obama in Paris', '北京'])\n"
+        f"q = NerRuntime({str(pipeline_run.path('onnx_dir'))!r}, quantized=True).predict(['Obama in Paris'])\n"
+        "assert len(q) == 1\n"
         "import json; print(json.dumps([x.to_dict() for x in p]))\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
     )
@@ -69,3 +73,109 @@ def test_batched_decoding_equals_one_text_at_a_time(pipeline_run):
     single = [runtime.predict([t])[0].to_dict() for t in texts]
     assert batched == single
     assert runtime.tag_words([t.split() for t in texts]) == [runtime.tag_words([t.split()])[0] for t in texts]
+
+
+def _single_pass(runtime: NerRuntime, words: list[str]) -> np.ndarray:
+    """Emissions of ``words`` from one encoder call on all of them, built by hand."""
+    pieces = word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)
+    ids, first = window_inputs(pieces, Window(0, len(words), 0, len(words)), runtime.specials)
+    ones = np.ones((1, len(ids)), dtype=np.int64)
+    return runtime.emissions(np.array([ids], dtype=np.int64), ones, np.array([first], dtype=np.int64),
+                             np.ones((1, len(first)), dtype=np.int64))[0]
+
+
+def _words_with_pieces(runtime: NerRuntime, n_pieces: int) -> list[str]:
+    words, used = [], 0
+    vocab = ["Obama", "visited", "北", "京", "😀", "Merkel", "in", "Berlin", "yesterday", ","]
+    while used < n_pieces:
+        turn = len(words) % len(vocab)
+        for w in vocab[turn:] + vocab[:turn] + ["the"]:  # "the" is one sub-token: it fills the budget exactly
+            count = len(word_pieces(runtime.tokenizer, runtime.specials, [w], runtime.max_tokens)[0])
+            if used + count <= n_pieces and (w == "the" or used + count + 1 <= n_pieces):
+                words.append(w)
+                used += count
+                break
+    return words
+
+
+def test_text_that_fits_takes_one_window_equal_to_a_single_pass(pipeline_run):
+    runtime = NerRuntime(pipeline_run.path("onnx_dir"))
+    words = _words_with_pieces(runtime, runtime.max_tokens)  # exactly the budget: still one window
+    pieces = word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)
+    assert sum(map(len, pieces)) == runtime.max_tokens
+    assert plan_windows([len(p) for p in pieces], runtime.max_tokens) == [Window(0, len(words), 0, len(words))]
+    np.testing.assert_allclose(runtime.word_emissions([words])[0], _single_pass(runtime, words), atol=1e-5)
+
+
+def test_each_word_of_a_long_text_gets_the_single_pass_of_the_window_that_owns_it(pipeline_run):
+    runtime = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=4)
+    words = _words_with_pieces(runtime, 4 * runtime.max_tokens + 7)
+    pieces = word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)
+    windows = plan_windows([len(p) for p in pieces], runtime.max_tokens)
+    assert len(windows) > 2
+    stitched = runtime.word_emissions([words])[0]
+    for w in windows:
+        alone = _single_pass(runtime, words[w.lo:w.hi])
+        np.testing.assert_allclose(stitched[w.own_lo:w.own_hi], alone[w.own_lo - w.lo:w.own_hi - w.lo], atol=1e-5)
+        # the owned words sit in the middle of their window, with context on both sides
+        assert w.own_lo == 0 or w.own_lo > w.lo
+        assert w.own_hi == len(words) or w.own_hi < w.hi
+
+
+@pytest.mark.parametrize("text", SPECIAL_TEXTS + ["a\r\nb 😀 c\r\n\r\n北京 👨‍👩‍👧 d", "\ufeff北\u200b京 e\u0301 ok"])
+def test_entity_offsets_are_exact_code_point_slices(pipeline_run, monkeypatch, text):
+    """Whatever the model says: force the tags and check the spans it turns into, word by word."""
+    import pipeline.inference as inference
+
+    runtime = NerRuntime(pipeline_run.path("onnx_dir"))
+    words = split_words(text)
+    b_tag, i_tag = runtime.tags.index("B-person"), runtime.tags.index("I-person")
+    for forced, expected in (
+        (lambda n: [b_tag] * n, [(s, e) for s, e in words]),                    # every word its own entity
+        (lambda n: [b_tag] + [i_tag] * (n - 1), [(words[0][0], words[-1][1])]),  # one entity over all words
+    ):
+        def decode(emissions, mask, crf, forced=forced):
+            lengths = mask.sum(axis=1)
+            return [forced(int(n)) for n in lengths], np.zeros(len(lengths), dtype=np.float32)
+
+        monkeypatch.setattr(inference, "viterbi_decode", decode)
+        [pred] = runtime.predict([text])
+        assert [(e.start, e.end) for e in pred.entities] == expected
+        for e in pred.entities:
+            assert e.text == text[e.start:e.end] and e.label == "person" and 0.0 <= e.score <= 1.0
+
+
+def test_served_graphs_were_optimized_once_at_export(pipeline_run):
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.inference import session_options
+
+    folder = pipeline_run.path("onnx_dir")
+    assert json.loads((folder / "model_info.json").read_text())["graph_optimized"] is True
+    # loaded as saved: the graph that export's parity and F1 checks ran on, not rebuilt at load
+    assert session_options(optimized=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fp32 = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= fp32
+    int8 = {n.op_type for n in onnx.load(str(folder / "model.int8.onnx")).graph.node}
+    assert "MatMulNBits" in int8 and int8 & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    metrics = json.loads(pipeline_run.path("export_metrics").read_text())
+    assert metrics["int8_scheme"]["blockwise_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+
+
+def test_smoothing_rewrite_leaves_the_fp32_function_unchanged(pipeline_run, tmp_path):
+    from pipeline.conll import read_conll
+    from pipeline.export import calibration_feeds, smooth_activations
+    from pipeline.model import load_model
+
+    folder = pipeline_run.path("onnx_dir")
+    model, _ = load_model(pipeline_run.path("model_dir"))
+    sentences = list(read_conll(pipeline_run.path("conll_dir") / "dev.conll"))[:40]
+    feeds = calibration_feeds(model, sentences, folder, batch_size=16)
+    assert smooth_activations(folder / "model.onnx", tmp_path / "smoothed.onnx", feeds, alpha=0.8) > 0
+    import onnxruntime as ort
+
+    plain = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    smoothed = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        np.testing.assert_allclose(smoothed.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-4, rtol=1e-4)
