@@ -11,6 +11,7 @@ benchmarks/results/serve.json.
 
     .venv/bin/python benchmarks/serve.py                      # after `make repro`
     .venv/bin/python benchmarks/serve.py --requests 500 --clients 1 32
+    .venv/bin/python benchmarks/serve.py --quantized --out benchmarks/results/serve-int8.json
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=Settings.max_batch_size)
     parser.add_argument("--max-wait-ms", type=float, default=Settings.max_wait_ms)
     parser.add_argument("--onnx-batch-size", type=int, default=Settings.onnx_batch_size)
+    parser.add_argument("--quantized", action="store_true", help="model.int8.onnx everywhere")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     args = parser.parse_args()
@@ -170,7 +172,7 @@ def main() -> None:
     texts = [t for t in texts if t.strip()][:args.texts]
     bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
 
-    # In-process: the runtime the server uses, no HTTP, best of N, measured before any server runs. The
+    # In-process: the runtime the server uses, no HTTP, best of N, measured before and after the servers. The
     # reference is the fastest of: the predict stage's way (defaults: all texts in one call, length-sorted ONNX
     # runs of 32, one thread per core), the same with the server's ONNX run size and threads, and the server's
     # micro-batches back to back.
@@ -181,25 +183,33 @@ def main() -> None:
         f"chunks_of_{args.max_batch_size}_onnx_batch_{args.onnx_batch_size}_threads_{threads}": (
             args.onnx_batch_size, threads, args.max_batch_size),
     }
-    in_process = {}
-    for name, (onnx_batch, n_threads, chunk) in contenders.items():
-        runtime = NerRuntime(model_dir, batch_size=onnx_batch, threads=n_threads)
-        runtime.predict(texts[:64])
-        best = min(_timed(lambda: [runtime.predict(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
-                   for _ in range(args.repeats))
-        in_process[name] = {"seconds": round(best, 3), "sentences_per_s": round(len(texts) / best, 1)}
-        log.info("in-process %-40s %7.1f sentences/s", name, in_process[name]["sentences_per_s"])
-    reference = max(in_process, key=lambda k: in_process[k]["sentences_per_s"])
 
+    def measure_in_process(when: str) -> dict:
+        out = {}
+        for name, (onnx_batch, n_threads, chunk) in contenders.items():
+            runtime = NerRuntime(model_dir, batch_size=onnx_batch, threads=n_threads, quantized=args.quantized)
+            runtime.predict(texts[:64])
+            best = min(_timed(lambda: [runtime.predict(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
+                       for _ in range(args.repeats))
+            out[name] = {"seconds": round(best, 3), "sentences_per_s": round(len(texts) / best, 1)}
+            log.info("in-process (%s) %-40s %7.1f sentences/s", when, name, out[name]["sentences_per_s"])
+        return out
+
+    before = measure_in_process("before")
+    common = {"NER_QUANTIZED": "1" if args.quantized else "0"}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        batched = run_server("batched", model_dir, {"NER_MAX_BATCH_SIZE": str(args.max_batch_size),
+        batched = run_server("batched", model_dir, {**common, "NER_MAX_BATCH_SIZE": str(args.max_batch_size),
                                                     "NER_MAX_WAIT_MS": str(args.max_wait_ms),
                                                     "NER_ONNX_BATCH_SIZE": str(args.onnx_batch_size)},
                              bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
-        unbatched = run_server("no_batching", model_dir, {"NER_MAX_BATCH_SIZE": "1", "NER_MAX_WAIT_MS": "0",
+        unbatched = run_server("no_batching", model_dir, {**common, "NER_MAX_BATCH_SIZE": "1", "NER_MAX_WAIT_MS": "0",
                                                           "NER_ONNX_BATCH_SIZE": "1"},
                                bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
 
+    # ... and again after the servers: other tenants of a shared machine come and go; the best figure counts
+    after = measure_in_process("after")
+    in_process = {name: max(before[name], after[name], key=lambda r: r["sentences_per_s"]) for name in contenders}
+    reference = max(in_process, key=lambda k: in_process[k]["sentences_per_s"])
     top = str(max(args.clients))
     ratios = {
         f"{top}_clients_vs_in_process": round(
@@ -211,6 +221,7 @@ def main() -> None:
     errors = sum(r["errors"] for r in (*batched.values(), *unbatched.values()))
     report = {
         "model_dir": str(model_dir),
+        "quantized": args.quantized,
         "texts": len(texts),
         "mean_words": round(statistics.mean(len(split_words(t)) for t in texts), 1),
         "requests_per_level": args.requests,
@@ -220,6 +231,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "in_process": in_process,
+        "in_process_before_and_after": {"before": before, "after": after},
         "in_process_reference": reference,
         "batched": batched,
         "no_batching": unbatched,

@@ -59,6 +59,11 @@ class Settings:
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS"}
 
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_chars", "max_batch_size", "onnx_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({self.ENV[name]}) must be at least 1, got {getattr(self, name)}")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
