@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torchcrf import CRF
 
+from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
 from pipeline.atomic import write_json
 from pipeline.conll import Sentence, read_conll
 from pipeline.evaluate import evaluate, score
@@ -70,18 +71,9 @@ def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sen
                               Trainer, TrainingArguments)
 
     tokenizer = AutoTokenizer.from_pretrained(str(encoder))
-    tag_id = {t: i for i, t in enumerate(tags)}
 
     def encode(sentences: list[Sentence]) -> list[dict]:
-        rows = []
-        for s in sentences:
-            enc = tokenizer(s.tokens, is_split_into_words=True, truncation=True, max_length=config.max_length)
-            labels, previous = [], None
-            for word in enc.word_ids():
-                labels.append(-100 if word is None or word == previous else tag_id[s.tags[word]])
-                previous = word
-            rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-        return rows
+        return label_first_subtokens(tokenizer, sentences, tags, config.max_length)
 
     def to_tags(logits: np.ndarray, labels: np.ndarray) -> list[list[str]]:
         return [[tags[p] for p, gold in zip(row_p, row_l) if gold != -100]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
 from pipeline.atomic import write_json
 from pipeline.conll import read_conll, write_conll
 from pipeline.encoding import load_tokenizer, special_ids, word_pieces
@@ -70,15 +71,7 @@ def run_hf(sentences: list, tags: list[str], encoder: Path, config: TrainConfig,
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(encoder))
-    tag_id = {t: i for i, t in enumerate(tags)}
-    rows = []
-    for s in sentences:
-        enc = tokenizer(s.tokens, is_split_into_words=True, truncation=True, max_length=config.max_length)
-        labels, previous = [], None
-        for word in enc.word_ids():
-            labels.append(-100 if word is None or word == previous else tag_id[s.tags[word]])
-            previous = word
-        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    rows = label_first_subtokens(tokenizer, sentences, tags, config.max_length)
     model = BertForTokenClassification.from_pretrained(str(encoder), num_labels=len(tags))
     args = TrainingArguments(
         output_dir=str(work / "hf"), per_device_train_batch_size=config.batch_size, num_train_epochs=1,
