@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
+import yaml
 
 from pipeline.errors import LabelConfigMismatch
 from pipeline.inference import Entity, TextPrediction
@@ -14,7 +16,7 @@ from pipeline.labelconfig import read_label_config
 from pipeline.labelstudio import LabelStudioClient
 from pipeline.predict import to_ls_prediction
 from pipeline.push import push
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -100,6 +102,29 @@ def test_cli_push_takes_the_server_from_the_environment(label_studio, pipeline_r
                           cwd=pipeline_run.root, env=missing, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "LABEL_STUDIO_URL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dvc_push_stage(label_studio, pipeline_run, tmp_path):
+    """`dvc repro pipelines/labelstudio/dvc.yaml`, as the README says, with the server from the environment."""
+    root = tmp_path / "project"
+    shutil.copytree(pipeline_run.root, root, symlinks=True)
+    (root / "pipelines" / "labelstudio").mkdir(parents=True)
+    shutil.copy2(ROOT / "pipelines" / "labelstudio" / "dvc.yaml", root / "pipelines" / "labelstudio")
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    project = client.create_project("dvc push", CONFIG_XML)
+    client.import_tasks(project, [{"data": t["data"]} for t in predicted])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["push"]["project"] = project
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(pipeline_run.env, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
+
+    proc = run(["dvc", "repro", "pipelines/labelstudio/dvc.yaml"], root, env)
+
+    assert "Running stage 'pipelines/labelstudio/dvc.yaml:push'" in proc.stdout
+    assert len(client.list_predictions(project_id=project)) == len(predicted)
+    lock = (root / "pipelines" / "labelstudio" / "dvc.lock").read_text()
+    assert label_studio.api_key not in proc.stdout + proc.stderr + lock + (root / "params.yaml").read_text()
 
 
 def many_tasks(n: int, version: str) -> list[dict]:
