@@ -58,3 +58,51 @@ def test_marginals_and_partition_match_brute_force():
                 assert probs[b, t, k] == pytest.approx(p, abs=1e-5)
         assert np.allclose(probs[b, :n].sum(axis=1), 1.0)
         assert np.all(probs[b, n:] == 0)
+
+
+def log_space_marginals(emissions: np.ndarray, crf: CrfParams) -> tuple[np.ndarray, float]:
+    """Textbook forward-backward in log space for one unpadded sequence: the reference."""
+    steps, tags = emissions.shape
+    alpha, beta = np.empty((steps, tags)), np.empty((steps, tags))
+    trans = crf.transitions.astype(np.float64)
+    alpha[0] = crf.start + emissions[0]
+    for t in range(1, steps):
+        alpha[t] = np.logaddexp.reduce(alpha[t - 1][:, None] + trans, axis=0) + emissions[t]
+    beta[-1] = crf.end
+    for t in range(steps - 2, -1, -1):
+        beta[t] = np.logaddexp.reduce(trans + (emissions[t + 1] + beta[t + 1])[None, :], axis=1)
+    log_z = float(np.logaddexp.reduce(alpha[-1] + crf.end))
+    return np.exp(alpha + beta - log_z), log_z
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_marginals_match_log_space_on_ragged_batches_with_forbidden_transitions(seed):
+    rng = np.random.default_rng(seed)
+    tags, batch, steps = int(rng.integers(3, 22)), int(rng.integers(1, 7)), int(rng.integers(1, 50))
+    transitions = rng.normal(size=(tags, tags)) * 2
+    transitions[rng.random((tags, tags)) < 0.3] = -1e4  # as constrain_transitions pins them
+    np.fill_diagonal(transitions, 0.5)
+    crf = CrfParams(rng.normal(size=tags).astype(np.float32), rng.normal(size=tags).astype(np.float32),
+                    transitions.astype(np.float32))
+    emissions = (rng.normal(size=(batch, steps, tags)) * [1, 5, 30][seed % 3]).astype(np.float32)
+    lengths = rng.integers(1, steps + 1, size=batch)
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    probs, log_z = marginals(emissions, mask, crf)
+    for b in range(batch):
+        n = int(lengths[b])
+        want, want_z = log_space_marginals(emissions[b, :n].astype(np.float64), crf)
+        assert log_z[b] == pytest.approx(want_z, rel=1e-9, abs=1e-6)
+        np.testing.assert_allclose(probs[b, :n], want, atol=1e-8)
+        assert np.all(probs[b, n:] == 0)
+
+
+def test_marginals_stay_finite_on_a_20000_step_text():
+    rng = np.random.default_rng(0)
+    crf = CrfParams(*(rng.normal(size=s).astype(np.float32) for s in ((21,), (21,), (21, 21))))
+    emissions = (rng.normal(size=(1, 20_000, 21)) * 10).astype(np.float32)
+    probs, log_z = marginals(emissions, np.ones((1, 20_000), dtype=bool), crf)
+    assert np.isfinite(log_z).all() and np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=2), 1.0, atol=1e-9)
+    want, want_z = log_space_marginals(emissions[0].astype(np.float64), crf)
+    assert log_z[0] == pytest.approx(want_z, rel=1e-9)
+    np.testing.assert_allclose(probs[0], want, atol=1e-7)
