@@ -6,7 +6,10 @@ to entities with character offsets:
 
   (a) hf_pipeline   ``pipeline("token-classification", aggregation_strategy="simple")`` on a
                     ``BertForTokenClassification`` built from the same MiniLM encoder (``paths.encoder``,
-                    from disk; its head is random: only speed is measured)
+                    from disk; its head is random: only speed is measured), called with
+                    ``batch_size=--batch-size`` like ours (the tuned baseline)
+  (a') hf_pipeline_as_written  the same pipeline called as the issue writes it, ``ner(texts)``: its
+                    default batch size, 1 (throughput only; its latency is (a)'s)
   (b) torch_eager   our BERT-BiLSTM-CRF in PyTorch eager mode (``paths.model_dir``)
   (c) onnx_fp32     our ONNX runtime (``pipeline.inference.NerRuntime``), ``model.onnx``
   (d) onnx_int8     the same runtime on ``model.int8.onnx``
@@ -112,6 +115,7 @@ def main() -> None:
 
     batched: dict[str, Callable[[list[str]], Any]] = {
         "hf_pipeline": lambda xs: hf(xs, batch_size=args.batch_size),
+        "hf_pipeline_as_written": lambda xs: hf(xs),
         "torch_eager": eager.predict,
         "onnx_fp32": fp32.predict,
         "onnx_int8": int8.predict,
@@ -124,7 +128,8 @@ def main() -> None:
     }
     for name, fn in batched.items():  # warm-up: first calls build kernels and caches
         fn(texts[:args.batch_size])
-        single[name](texts[:1])
+    for fn in single.values():
+        fn(texts[:1])
 
     throughput: dict[str, list[float]] = {name: [] for name in batched}
     for _ in range(args.repeats):
@@ -141,6 +146,7 @@ def main() -> None:
             fn([text])
             latency[name].append(time.perf_counter() - start)
 
+    latency["hf_pipeline_as_written"] = latency["hf_pipeline"]  # one text per call is the same call
     results: dict[str, dict[str, float]] = {}
     for name in batched:
         best = min(throughput[name])
@@ -170,12 +176,15 @@ def main() -> None:
     f1_int8 = float(score(gold, int8.tag_words([s.tokens for s in test]), scheme)["f1"])
     comparison = {
         "onnx_fp32_vs_hf_pipeline": ratios("onnx_fp32", "hf_pipeline"),
+        "onnx_fp32_vs_hf_pipeline_as_written": ratios("onnx_fp32", "hf_pipeline_as_written"),
         "onnx_fp32_vs_torch_eager": ratios("onnx_fp32", "torch_eager"),
         "onnx_int8_vs_onnx_fp32": ratios("onnx_int8", "onnx_fp32"),
         "int8_f1_drop_points": round(100 * (f1_fp32 - f1_int8), 2),
     }
     met = {
         "onnx_fp32_vs_hf_pipeline": comparison["onnx_fp32_vs_hf_pipeline"]["batched_throughput"]
+        >= TARGETS["onnx_fp32_vs_hf_pipeline"],
+        "onnx_fp32_vs_hf_pipeline_as_written": comparison["onnx_fp32_vs_hf_pipeline_as_written"]["batched_throughput"]
         >= TARGETS["onnx_fp32_vs_hf_pipeline"],
         "onnx_int8_vs_onnx_fp32": comparison["onnx_int8_vs_onnx_fp32"]["batched_throughput"]
         >= TARGETS["onnx_int8_vs_onnx_fp32"],

@@ -157,10 +157,37 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     assert session_options(optimized=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     fp32 = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= fp32
-    int8 = {n.op_type for n in onnx.load(str(folder / "model.int8.onnx")).graph.node}
-    assert "MatMulNBits" in int8 and int8 & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    int8 = onnx.load(str(folder / "model.int8.onnx")).graph.node
+    assert {n.op_type for n in int8} & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    # the sensitive feed-forward MatMuls named in export.int8_float stay fp32
+    kept = [n.name for n in int8 if n.op_type == "MatMul" and "/dense/" in n.name]
+    assert sorted(kept) == ["/bert/encoder/layer.0/intermediate/dense/MatMul", "/bert/encoder/layer.0/output/dense/MatMul",
+                            "/bert/encoder/layer.1/output/dense/MatMul"]
     metrics = json.loads(pipeline_run.path("export_metrics").read_text())
-    assert metrics["int8_scheme"]["blockwise_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+    assert metrics["int8_scheme"]["float_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+    assert metrics["int8_vs_fp32_test"]["sequences"] > 0
+
+
+def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_path):
+    import onnx
+
+    from pipeline.export import export_onnx, quantize_int8
+    from pipeline.model import load_model
+
+    model, _ = load_model(pipeline_run.path("model_dir"))
+    export_onnx(model, tmp_path / "raw.onnx", opset=17)
+    raw = onnx.load(str(tmp_path / "raw.onnx")).graph
+    weights = {t.name for t in raw.initializer}
+    with_weights = [n.name for n in raw.node if n.op_type == "MatMul" and n.input[1] in weights]
+    float_patterns = ["/encoder/layer.1/output/dense/", "/encoder/layer.0/output/dense/"]
+    info = quantize_int8(tmp_path / "raw.onnx", tmp_path / "int8.onnx", tmp_path, blockwise=["/encoder/layer.0/"],
+                         keep_float=float_patterns)
+    nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
+    floats = sorted(n.name for n in nodes if n.op_type == "MatMul" and n.name in with_weights)
+    assert floats == sorted(n for n in with_weights if any(p in n for p in float_patterns)) and len(floats) == 2
+    blockwise = [n for n in with_weights if "/encoder/layer.0/" in n and n not in floats]  # float wins
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == len(blockwise) == info["blockwise_matmuls"] > 0
+    assert info["float_matmuls"] == 2 and info["dynamic_matmuls"] > 0
 
 
 def test_smoothing_rewrite_leaves_the_fp32_function_unchanged(pipeline_run, tmp_path):
