@@ -175,7 +175,7 @@ def run_ablation(name: str, overrides: list[str]) -> dict:
     """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``."""
     dvc = str(Path(sys.executable).with_name("dvc"))
     sets = [a for o in overrides for a in ("-S", o)]
-    subprocess.run([dvc, "exp", "run", "--force", "-n", f"acc-{name}", *sets, "evaluate"], cwd=ROOT, check=True)
+    subprocess.run([dvc, "exp", "run", "-n", f"acc-{name}", *sets, "evaluate"], cwd=ROOT, check=True)
     shown = json.loads(subprocess.run([dvc, "exp", "show", "--json"], cwd=ROOT, check=True, capture_output=True,
                                       text=True).stdout)
 
@@ -234,6 +234,23 @@ def main() -> None:
     train_s, dev_s, test_s = (list(read_conll(conll / f"{split}.conll")) for split in ("train", "dev", "test"))
 
     results: dict[str, list[dict]] = {m: [] for m in args.models}
+    ablations: dict[str, dict] = {}
+
+    def report(complete: bool) -> dict[str, Any]:
+        """The figures so far: written after every run, so a study cut short still leaves what it measured."""
+        out: dict[str, Any] = {
+            "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s),
+            "seeds": args.seeds, "epochs": config.epochs, "batch_size": config.batch_size, "complete": complete,
+            "models": {name: summarise(runs) for name, runs in results.items() if runs},
+        }
+        models = out["models"]
+        if "crf" in models and "softmax" in models:
+            out["crf_minus_softmax_f1_points"] = 100 * (models["crf"]["f1_mean"] - models["softmax"]["f1_mean"])
+            out["target"] = "crf >= softmax + 1.0 F1 point on average"
+        if ablations:
+            out["ablations"] = ablations
+        return out
+
     for seed in args.seeds:
         for name in args.models:
             with tempfile.TemporaryDirectory() as tmp:
@@ -247,23 +264,16 @@ def main() -> None:
                                          args.bilstm_epochs or config.epochs, args.bilstm_lr)
             results[name].append(metrics)
             log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
-    report: dict[str, Any] = {
-        "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s),
-        "seeds": args.seeds, "epochs": config.epochs, "batch_size": config.batch_size,
-        "models": {name: summarise(runs) for name, runs in results.items() if runs},
-    }
-    models = report["models"]
-    if "crf" in models and "softmax" in models:
-        report["crf_minus_softmax_f1_points"] = 100 * (models["crf"]["f1_mean"] - models["softmax"]["f1_mean"])
-        report["target"] = "crf >= softmax + 1.0 F1 point on average"
+            write_json(args.out, report(complete=False))
     if args.ablations:
-        report["ablations"] = {}
         for name, overrides in ABLATIONS.items():
             metrics = run_ablation(name, overrides)
-            report["ablations"][name] = {"overrides": overrides, "f1": metrics["f1"],
-                                         "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
+            ablations[name] = {"overrides": overrides, "f1": metrics["f1"],
+                               "per_type_f1": {t: m["f1"] for t, m in metrics["per_type"].items()},
+                               "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
             log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
-    write_json(args.out, report)
+            write_json(args.out, report(complete=False))
+    write_json(args.out, report(complete=True))
     log.info("wrote %s", args.out)
 
 
