@@ -16,6 +16,7 @@ benchmarks/results/accuracy.json.
 
     .venv/bin/python benchmarks/accuracy.py                          # after `make repro`
     .venv/bin/python benchmarks/accuracy.py --ablations
+    .venv/bin/python benchmarks/accuracy.py --models --ablations one_lr no_warmup   # add to an earlier study
     .venv/bin/python benchmarks/accuracy.py --seeds 0 --models crf --epochs 1   # a quick look
 """
 
@@ -172,8 +173,15 @@ def run_bilstm(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sent
 
 
 def run_ablation(name: str, overrides: list[str]) -> dict:
-    """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``."""
+    """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``.
+
+    The default (no override) is the workspace's own ``dvc repro``: same seed as the ablations, and DVC
+    restores it from its cache when ``make repro`` already ran it.
+    """
     dvc = str(Path(sys.executable).with_name("dvc"))
+    if not overrides:
+        subprocess.run([dvc, "repro", "evaluate"], cwd=ROOT, check=True)
+        return json.loads((ROOT / "metrics" / "eval.json").read_text())["test"]
     sets = [a for o in overrides for a in ("-S", o)]
     subprocess.run([dvc, "exp", "run", "-n", f"acc-{name}", *sets, "evaluate"], cwd=ROOT, check=True)
     shown = json.loads(subprocess.run([dvc, "exp", "show", "--json"], cwd=ROOT, check=True, capture_output=True,
@@ -210,13 +218,14 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=["crf", "softmax", "bilstm"],
-                        choices=["crf", "softmax", "bilstm"])
+    parser.add_argument("--models", nargs="*", default=["crf", "softmax", "bilstm"],
+                        choices=["crf", "softmax", "bilstm"], help="none: keep the models already in --out")
     parser.add_argument("--epochs", type=int, help="override train.epochs for every model")
     parser.add_argument("--bilstm-epochs", type=int, help="epochs for the model without BERT (default: same)")
     parser.add_argument("--bilstm-lr", type=float, default=5e-3,
                         help="its embedding/BiLSTM rate: learned from scratch, it needs more than a BERT head")
-    parser.add_argument("--ablations", action="store_true", help="also run the ablations through dvc exp")
+    parser.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), metavar="NAME",
+                        help=f"also run these ablations through dvc exp (no name: all of {list(ABLATIONS)})")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -233,15 +242,23 @@ def main() -> None:
     tags, scheme = labels["tags"], labels["scheme"]
     train_s, dev_s, test_s = (list(read_conll(conll / f"{split}.conll")) for split in ("train", "dev", "test"))
 
+    # A study is long: figures already in --out for the same seeds/epochs/batch are kept, so a run cut short
+    # can be finished with e.g. `--models --ablations one_lr`.
+    setup = {"seeds": args.seeds, "epochs": config.epochs, "batch_size": config.batch_size}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if any(previous.get(k) != v for k, v in setup.items()):
+        previous = {}
+    kept_models = {n: m for n, m in previous.get("models", {}).items() if n not in args.models}
+    ablations: dict[str, dict] = dict(previous.get("ablations", {}))
     results: dict[str, list[dict]] = {m: [] for m in args.models}
-    ablations: dict[str, dict] = {}
+    run_ablations = [] if args.ablations is None else (args.ablations or list(ABLATIONS))
 
     def report(complete: bool) -> dict[str, Any]:
         """The figures so far: written after every run, so a study cut short still leaves what it measured."""
         out: dict[str, Any] = {
             "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s),
-            "seeds": args.seeds, "epochs": config.epochs, "batch_size": config.batch_size, "complete": complete,
-            "models": {name: summarise(runs) for name, runs in results.items() if runs},
+            **setup, "complete": complete,
+            "models": {**kept_models, **{name: summarise(runs) for name, runs in results.items() if runs}},
         }
         models = out["models"]
         if "crf" in models and "softmax" in models:
@@ -265,15 +282,17 @@ def main() -> None:
             results[name].append(metrics)
             log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
             write_json(args.out, report(complete=False))
-    if args.ablations:
-        for name, overrides in ABLATIONS.items():
-            metrics = run_ablation(name, overrides)
-            ablations[name] = {"overrides": overrides, "f1": metrics["f1"],
-                               "per_type_f1": {t: m["f1"] for t, m in metrics["per_type"].items()},
-                               "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
-            log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
-            write_json(args.out, report(complete=False))
-    write_json(args.out, report(complete=True))
+    for name in run_ablations:
+        overrides = ABLATIONS[name]
+        metrics = run_ablation(name, overrides)
+        ablations[name] = {"overrides": overrides, "f1": metrics["f1"],
+                           "per_type_f1": {t: m["f1"] for t, m in metrics["per_type"].items()},
+                           "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
+        log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
+        write_json(args.out, report(complete=False))
+    final = report(complete=False)
+    final["complete"] = set(final["models"]) == {"crf", "softmax", "bilstm"} and set(ablations) == set(ABLATIONS)
+    write_json(args.out, final)
     log.info("wrote %s", args.out)
 
 

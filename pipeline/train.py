@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from dvclive import Live
+from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -72,11 +73,21 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
+        """Check names and types of the section; ``-S train.lr_head=5e-5`` arrives as the string "5e-5".
+
+        YAML reads ``5e-5`` (no dot) as a string, so rates given on the command line are coerced by pydantic's
+        lax mode; anything that is not a number where one is needed is an error naming the key.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ParamsError(f"train: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**section)
+        try:
+            return TypeAdapter(cls).validate_python(section)
+        except ValidationError as exc:
+            problems = "; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})"
+                                 for e in exc.errors())
+            raise ParamsError(problems) from None
 
 
 def seed_everything(seed: int) -> None:

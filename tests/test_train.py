@@ -159,3 +159,19 @@ def test_lr_find_writes_a_plot_and_a_suggestion_below_where_the_loss_explodes(tm
     assert pick["lr_crf"] == pytest.approx(pick["lr_encoder"] * ratio)
     png = (tmp_path / params["paths"]["lr_find_plot"]).read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def test_rates_written_as_dvc_overrides_are_read_as_numbers(tmp_path):
+    # `dvc exp run -S train.lr_head=5e-5` writes `lr_head: 5e-5`, which YAML reads as a string.
+    from pipeline.params import load_params
+
+    (tmp_path / "params.yaml").write_text("train:\n  lr_head: 5e-5\n  lr_crf: 1e-1\n  warmup: 0\n  epochs: '3'\n")
+    config = TrainConfig.from_params(load_params(tmp_path / "params.yaml")["train"])
+    assert (config.lr_head, config.lr_crf, config.warmup, config.epochs) == (5e-5, 0.1, 0.0, 3)
+    assert isinstance(config.lr_head, float)
+
+
+def test_a_value_of_the_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ParamsError, match=r"train\.lr_head: .*'fast'") as excinfo:
+        TrainConfig.from_params({"lr_head": "fast", "epochs": 6})
+    assert "train.epochs" not in str(excinfo.value)
