@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torchcrf import CRF
 
 from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
@@ -175,22 +176,25 @@ def run_bilstm(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sent
 def run_ablation(name: str, overrides: list[str]) -> dict:
     """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``.
 
-    The default (no override) is the workspace's own ``dvc repro``: same seed as the ablations, and DVC
-    restores it from its cache when ``make repro`` already ran it.
+    Each runs in a temporary copy (``--temp``; ``-C pretrained`` brings the git-ignored encoder along), so
+    overrides never pile up in the workspace; the experiment's recorded params are checked to be the committed
+    ones plus its own overrides. The default (no override) is the workspace's own ``dvc repro``: same seed,
+    and DVC restores it from its cache when ``make repro`` already ran it.
     """
     dvc = str(Path(sys.executable).with_name("dvc"))
     if not overrides:
         subprocess.run([dvc, "repro", "evaluate"], cwd=ROOT, check=True)
         return json.loads((ROOT / "metrics" / "eval.json").read_text())["test"]
     sets = [a for o in overrides for a in ("-S", o)]
-    subprocess.run([dvc, "exp", "run", "-n", f"acc-{name}", *sets, "evaluate"], cwd=ROOT, check=True)
+    subprocess.run([dvc, "exp", "run", "--temp", "-C", "pretrained", "-n", f"acc-{name}", *sets, "evaluate"],
+                   cwd=ROOT, check=True)
     shown = json.loads(subprocess.run([dvc, "exp", "show", "--json"], cwd=ROOT, check=True, capture_output=True,
                                       text=True).stdout)
 
     def find(node: Any) -> dict | None:
         if isinstance(node, dict):
             if node.get("name") == f"acc-{name}" and isinstance(node.get("data"), dict):
-                return node["data"]["metrics"]["metrics/eval.json"]["data"]["test"]
+                return node["data"]
             node = list(node.values())
         if isinstance(node, list):
             for child in node:
@@ -199,10 +203,19 @@ def run_ablation(name: str, overrides: list[str]) -> dict:
                     return hit
         return None
 
-    metrics = find(shown)
-    if metrics is None:
+    data = find(shown)
+    if data is None:
         raise RuntimeError(f"experiment acc-{name} not found in `dvc exp show`")
-    return metrics
+    committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, check=True,
+                                              capture_output=True, text=True).stdout)["train"]
+    expected = {**committed, **{o.split("=")[0].removeprefix("train."): yaml.safe_load(o.split("=", 1)[1])
+                                for o in overrides}}
+    ran_with = data["params"]["params.yaml"]["data"]["train"]
+    studied = {o.split("=")[0].removeprefix("train.") for ov in ABLATIONS.values() for o in ov}
+    wrong = {k: (ran_with.get(k), expected[k]) for k in studied if str(ran_with.get(k)) != str(expected[k])}
+    if wrong:
+        raise RuntimeError(f"experiment acc-{name} ran with {wrong} (ran, expected): not a clean ablation")
+    return data["metrics"]["metrics/eval.json"]["data"]["test"]
 
 
 def summarise(runs: list[dict]) -> dict:
