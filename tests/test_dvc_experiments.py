@@ -33,11 +33,21 @@ def test_queued_sweep_runs_each_setting_and_records_params_and_metrics(pipeline_
     root = tmp_path / "project"
     shutil.copytree(pipeline_run.root, root, symlinks=True)
     env = pipeline_run.env
+    # as in the real project, the encoder sits in the git-ignored pretrained/: queued copies need -C for it
+    shutil.copytree(pipeline_run.params["paths"]["encoder"], root / "pretrained" / "tiny")
+    with (root / ".gitignore").open("a") as fh:
+        fh.write("/pretrained/\n")
+    params_file = root / "params.yaml"
+    params_file.write_text(params_file.read_text().replace(str(pipeline_run.params["paths"]["encoder"]),
+                                                           "pretrained/tiny"))
+    assert "encoder: pretrained/tiny" in params_file.read_text()
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)  # queued runs start from the last commit
+    assert "pretrained/tiny" not in run(["git", "ls-files"], root, env).stdout
     rates = {"lr-high": 2e-3, "lr-low": 1e-4}
     for name, rate in rates.items():
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr_encoder={rate}"], root, env)
+        run(["dvc", "exp", "run", "--queue", "-C", "pretrained", "-n", name, "-S", f"train.lr_encoder={rate}"],
+            root, env)
     run(["dvc", "queue", "start", "-j", "1"], root, env)
     try:
         deadline = time.monotonic() + 1200
