@@ -196,6 +196,7 @@ class _NoLive:
 
     def __init__(self) -> None:
         self.summary: dict[str, Any] = {}
+        self.step = 0
 
     def log_metric(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -296,6 +297,8 @@ def _train(world: World, conll_dir: Path, encoder_dir: str | Path, model_dir: st
 
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     with _live(world, live_dir, bool(resumed)) as live:
+        if resumed:  # not DVCLive's count: dvc repro deleted its files, a killed run logged past its checkpoint
+            live.step = step
         for epoch in range(start_epoch, config.epochs):
             model.train()
             if batches is None:  # a new epoch (None after each epoch, and unless resumed mid-epoch)

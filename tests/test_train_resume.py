@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_encoder):
     interrupted_at = json.loads(progress.read_text())
     assert not interrupted_at["completed"]
 
+    shutil.rmtree(killed / "dvclive")  # as `dvc repro` does: it removes a stage's outputs before running it
     resumed = subprocess.run(train, cwd=killed, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from epoch" in resumed.stderr
@@ -60,6 +62,12 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_encoder):
     assert a["history"] == b["history"]
     assert (whole / "models" / "best" / "model.safetensors").read_bytes() == \
         (killed / "models" / "best" / "model.safetensors").read_bytes()
+
+    # the plots of the resumed run continue at the checkpoint's step: its last rows are the whole run's
+    for series, tail in (("dev/f1.tsv", 1), ("train/loss.tsv", 3)):
+        rows = [(run / "dvclive" / "train" / "plots" / "metrics" / series).read_text().splitlines()
+                for run in (whole, killed)]
+        assert rows[1][0] == rows[0][0] and rows[1][-tail:] == rows[0][-tail:], series
 
 
 def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_encoder):
