@@ -6,6 +6,8 @@ pipeline's own seqeval scoring (micro F1, per type), best epoch by dev F1 for ev
 - ``crf``: the train stage as ``dvc repro`` runs it (``params.yaml``);
 - ``softmax``: Hugging Face ``BertForTokenClassification`` on the same encoder, epochs, batch size, encoder
   rate and warmup, trained by ``Trainer`` (first sub-token of each word labelled, the usual recipe);
+- ``softmax_our_rates``: the same, with the classifier at our head's rate (``lr_head``): the CRF vs softmax
+  comparison at equal rates;
 - ``bilstm``: a BiLSTM-CRF without BERT (word embeddings learned from the training words), same epochs,
   batch size and CRF rate; its own rate for embeddings and BiLSTM (``--bilstm-lr``), since nothing in it is
   pretrained.
@@ -67,7 +69,9 @@ def run_crf(conll: Path, encoder: Path, config: TrainConfig, seed: int, test: li
 
 
 def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sentence], tags: list[str],
-                scheme: str, encoder: Path, config: TrainConfig, seed: int, work: Path) -> dict:
+                scheme: str, encoder: Path, config: TrainConfig, seed: int, work: Path,
+                our_rates: bool = False) -> dict:
+    """``our_rates``: the classifier learns at ``lr_head`` instead of the encoder's rate, as our head does."""
     import numpy as np
     from transformers import (AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification,
                               Trainer, TrainingArguments)
@@ -94,8 +98,17 @@ def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sen
         max_grad_norm=config.grad_clip, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="f1", logging_strategy="no",
         report_to=[], disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available())
+    optimizer = None
+    if our_rates:
+        groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(prefix) and
+                              ("bias" in n or "LayerNorm" in n) == no_decay],
+                   "lr": lr, "weight_decay": 0.0 if no_decay else config.weight_decay}
+                  for prefix, lr in (("bert.", config.lr_encoder), ("classifier.", config.lr_head))
+                  for no_decay in (False, True)]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr_encoder, eps=1e-8)
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_s), eval_dataset=encode(dev_s),
-                      data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=dev_f1)
+                      data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=dev_f1,
+                      optimizers=(optimizer, None))  # None: Trainer builds its linear warmup on our groups
     trainer.train()
     test_rows = encode(test_s)
     prediction = trainer.predict(test_rows)
@@ -243,8 +256,9 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="*", default=["crf", "softmax", "bilstm"],
-                        choices=["crf", "softmax", "bilstm"], help="none: keep the models already in --out")
+    parser.add_argument("--models", nargs="*", default=["crf", "softmax", "softmax_our_rates", "bilstm"],
+                        choices=["crf", "softmax", "softmax_our_rates", "bilstm"],
+                        help="none: keep the models already in --out")
     parser.add_argument("--epochs", type=int, help="override train.epochs for every model")
     parser.add_argument("--bilstm-epochs", type=int, help="epochs for the model without BERT (default: same)")
     parser.add_argument("--bilstm-lr", type=float, default=5e-3,
@@ -299,8 +313,9 @@ def main() -> None:
                 work = Path(tmp)
                 if name == "crf":
                     metrics = run_crf(conll, encoder, config, seed, test_s, work)
-                elif name == "softmax":
-                    metrics = run_softmax(train_s, dev_s, test_s, tags, scheme, encoder, config, seed, work)
+                elif name in ("softmax", "softmax_our_rates"):
+                    metrics = run_softmax(train_s, dev_s, test_s, tags, scheme, encoder, config, seed, work,
+                                          our_rates=name == "softmax_our_rates")
                 else:
                     metrics = run_bilstm(train_s, dev_s, test_s, tags, scheme, config, seed,
                                          args.bilstm_epochs or config.epochs, args.bilstm_lr)
@@ -316,7 +331,8 @@ def main() -> None:
         log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
         write_json(args.out, report(complete=False))
     final = report(complete=False)
-    final["complete"] = set(final["models"]) == {"crf", "softmax", "bilstm"} and set(ablations) == set(ABLATIONS)
+    final["complete"] = set(final["models"]) == {"crf", "softmax", "softmax_our_rates", "bilstm"} \
+        and set(ablations) == set(ABLATIONS)
     write_json(args.out, final)
     log.info("wrote %s", args.out)
 
