@@ -46,12 +46,14 @@ from pipeline.atomic import write_json
 from pipeline.conll import Sentence, read_conll
 from pipeline.evaluate import evaluate, score
 from pipeline.model import LengthAwareBiLSTM
+from pipeline.optim import build_optimizer
 from pipeline.params import load_params
 from pipeline.train import TrainConfig, seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.accuracy")
 
+MODELS = ["crf", "softmax", "softmax_our_rates", "bilstm"]
 ABLATIONS: dict[str, list[str]] = {
     "default": [],
     "one_lr": ["train.lr_head=5e-5", "train.lr_crf=5e-5"],
@@ -98,14 +100,9 @@ def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sen
         max_grad_norm=config.grad_clip, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="f1", logging_strategy="no",
         report_to=[], disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available())
-    optimizer = None
-    if our_rates:
-        groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(prefix) and
-                              ("bias" in n or "LayerNorm" in n) == no_decay],
-                   "lr": lr, "weight_decay": 0.0 if no_decay else config.weight_decay}
-                  for prefix, lr in (("bert.", config.lr_encoder), ("classifier.", config.lr_head))
-                  for no_decay in (False, True)]
-        optimizer = torch.optim.AdamW(groups, lr=config.lr_encoder, eps=1e-8)
+    # our groups (bert.* at lr_encoder, the classifier as "head" at lr_head, no decay on bias/LayerNorm)
+    optimizer = build_optimizer(model, lr_encoder=config.lr_encoder, lr_head=config.lr_head, lr_crf=config.lr_crf,
+                                weight_decay=config.weight_decay) if our_rates else None
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_s), eval_dataset=encode(dev_s),
                       data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=dev_f1,
                       optimizers=(optimizer, None))  # None: Trainer builds its linear warmup on our groups
@@ -186,6 +183,14 @@ def run_bilstm(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sent
     return score([s.tags for s in test_s], predict(model, test_s), scheme)
 
 
+def ablation_command(name: str, overrides: list[str]) -> list[str]:
+    """The DVC command of one ablation (its first word, ``dvc``, is replaced by the venv's when it runs)."""
+    if not overrides:
+        return ["dvc", "repro", "evaluate"]
+    sets = [a for o in overrides for a in ("-S", o)]
+    return ["dvc", "exp", "run", "--temp", "-C", "pretrained", "-n", f"acc-{name}", *sets, "evaluate"]
+
+
 def run_ablation(name: str, overrides: list[str]) -> dict:
     """One ``dvc exp run -S`` of the default pipeline up to evaluate; its test metrics from ``dvc exp show``.
 
@@ -195,8 +200,9 @@ def run_ablation(name: str, overrides: list[str]) -> dict:
     and DVC restores it from its cache when ``make repro`` already ran it.
     """
     dvc = str(Path(sys.executable).with_name("dvc"))
+    command = [dvc, *ablation_command(name, overrides)[1:]]
     if not overrides:
-        subprocess.run([dvc, "repro", "evaluate"], cwd=ROOT, check=True)
+        subprocess.run(command, cwd=ROOT, check=True)
         return json.loads((ROOT / "metrics" / "eval.json").read_text())["test"]
 
     def shown() -> Any:
@@ -217,22 +223,25 @@ def run_ablation(name: str, overrides: list[str]) -> dict:
 
     data = find(shown())  # an earlier study's run of this commit is reused (its params are checked below)
     if data is None:
-        sets = [a for o in overrides for a in ("-S", o)]
-        subprocess.run([dvc, "exp", "run", "--temp", "-C", "pretrained", "-n", f"acc-{name}", *sets, "evaluate"],
-                       cwd=ROOT, check=True)
+        subprocess.run(command, cwd=ROOT, check=True)
         data = find(shown())
     if data is None:
         raise RuntimeError(f"experiment acc-{name} not found in `dvc exp show`")
     committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, check=True,
                                               capture_output=True, text=True).stdout)["train"]
-    expected = {**committed, **{o.split("=")[0].removeprefix("train."): yaml.safe_load(o.split("=", 1)[1])
-                                for o in overrides}}
+    expected = {**committed, **dict(map(train_override, overrides))}
     ran_with = data["params"]["params.yaml"]["data"]["train"]
-    studied = {o.split("=")[0].removeprefix("train.") for ov in ABLATIONS.values() for o in ov}
+    studied = {train_override(o)[0] for ov in ABLATIONS.values() for o in ov}
     wrong = {k: (ran_with.get(k), expected[k]) for k in studied if not same_value(ran_with.get(k), expected[k])}
     if wrong:
         raise RuntimeError(f"experiment acc-{name} ran with {wrong} (ran, expected): not a clean ablation")
     return data["metrics"]["metrics/eval.json"]["data"]["test"]
+
+
+def train_override(override: str) -> tuple[str, Any]:
+    """``train.lr_crf=1e-3`` -> (``lr_crf``, its YAML value), as ``-S`` writes it into params.yaml."""
+    key, value = override.split("=", 1)
+    return key.removeprefix("train."), yaml.safe_load(value)
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -256,8 +265,7 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="*", default=["crf", "softmax", "softmax_our_rates", "bilstm"],
-                        choices=["crf", "softmax", "softmax_our_rates", "bilstm"],
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS,
                         help="none: keep the models already in --out")
     parser.add_argument("--epochs", type=int, help="override train.epochs for every model")
     parser.add_argument("--bilstm-epochs", type=int, help="epochs for the model without BERT (default: same)")
@@ -292,14 +300,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in args.models}
     run_ablations = [] if args.ablations is None else (args.ablations or list(ABLATIONS))
 
-    def report(complete: bool) -> dict[str, Any]:
+    def report() -> dict[str, Any]:
         """The figures so far: written after every run, so a study cut short still leaves what it measured."""
+        models = {**kept_models, **{name: summarise(runs) for name, runs in results.items() if runs}}
         out: dict[str, Any] = {
-            "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s),
-            **setup, "complete": complete,
-            "models": {**kept_models, **{name: summarise(runs) for name, runs in results.items() if runs}},
+            "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s), **setup,
+            "complete": set(models) == set(MODELS) and set(ablations) == set(ABLATIONS), "models": models,
         }
-        models = out["models"]
         if "crf" in models and "softmax" in models:
             out["crf_minus_softmax_f1_points"] = 100 * (models["crf"]["f1_mean"] - models["softmax"]["f1_mean"])
             out["target"] = "crf >= softmax + 1.0 F1 point on average"
@@ -321,19 +328,15 @@ def main() -> None:
                                          args.bilstm_epochs or config.epochs, args.bilstm_lr)
             results[name].append(metrics)
             log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
-            write_json(args.out, report(complete=False))
+            write_json(args.out, report())
     for name in run_ablations:
         overrides = ABLATIONS[name]
         metrics = run_ablation(name, overrides)
         ablations[name] = {"overrides": overrides, "f1": metrics["f1"],
                            "per_type_f1": {t: m["f1"] for t, m in metrics["per_type"].items()},
-                           "command": "dvc exp run " + " ".join(f"-S {o}" for o in overrides)}
+                           "command": " ".join(ablation_command(name, overrides))}
         log.info("ablation %s: test F1 %.4f", name, metrics["f1"])
-        write_json(args.out, report(complete=False))
-    final = report(complete=False)
-    final["complete"] = set(final["models"]) == {"crf", "softmax", "softmax_our_rates", "bilstm"} \
-        and set(ablations) == set(ABLATIONS)
-    write_json(args.out, final)
+        write_json(args.out, report())
     log.info("wrote %s", args.out)
 
 
