@@ -67,7 +67,7 @@ class TextPrediction:
 
 
 @dataclass
-class _Piece:
+class EncodedWindow:
     """One encoder window of one text, waiting for its batch."""
 
     text_index: int
@@ -135,12 +135,7 @@ class NerRuntime:
 
     def word_emissions(self, words: list[list[str]]) -> list[np.ndarray]:
         """Per-word emissions; long texts are windowed, each word read where it is most central."""
-        jobs: list[_Piece] = []
-        for i, ws in enumerate(words):
-            pieces = word_pieces(self.tokenizer, self.specials, ws, self.max_tokens)
-            for window in plan_windows([len(p) for p in pieces], self.max_tokens):
-                ids, first = window_inputs(pieces, window, self.specials)
-                jobs.append(_Piece(i, window, ids, first))
+        jobs = self.encode(words)
         emissions = [np.zeros((len(ws), len(self.tags)), dtype=np.float32) for ws in words]
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j].input_ids))
         for lo in range(0, len(order), self.batch_size):
@@ -150,12 +145,22 @@ class NerRuntime:
                 emissions[job.text_index][w.own_lo:w.own_hi] = em[w.own_lo - w.lo:w.own_hi - w.lo]
         return emissions
 
+    def encode(self, words: list[list[str]]) -> list[EncodedWindow]:
+        """The encoder windows of each text: ``[CLS] sub-tokens [SEP]``, at most ``max_tokens`` long."""
+        jobs: list[EncodedWindow] = []
+        for i, ws in enumerate(words):
+            pieces = word_pieces(self.tokenizer, self.specials, ws, self.max_tokens)
+            for window in plan_windows([len(p) for p in pieces], self.max_tokens):
+                ids, first = window_inputs(pieces, window, self.specials)
+                jobs.append(EncodedWindow(i, window, ids, first))
+        return jobs
+
     def emissions(self, input_ids: np.ndarray, attention_mask: np.ndarray, word_index: np.ndarray,
                   word_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask,
                                        "word_index": word_index, "word_mask": word_mask})[0]
 
-    def _run(self, batch: list[_Piece]) -> list[np.ndarray]:
+    def _run(self, batch: list[EncodedWindow]) -> list[np.ndarray]:
         seq = max(len(p.input_ids) for p in batch)
         n_words = max(len(p.word_index) for p in batch)
         input_ids = np.full((len(batch), seq), self.specials.pad, dtype=np.int64)

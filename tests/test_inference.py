@@ -158,29 +158,37 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     fp32 = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= fp32
     int8 = onnx.load(str(folder / "model.int8.onnx")).graph.node
-    assert {n.op_type for n in int8} & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-    # the sensitive feed-forward MatMuls named in export.int8_float stay fp32
-    kept = [n.name for n in int8 if n.op_type == "MatMul" and "/dense/" in n.name]
-    assert sorted(kept) == ["/bert/encoder/layer.0/intermediate/dense/MatMul", "/bert/encoder/layer.0/output/dense/MatMul",
-                            "/bert/encoder/layer.1/output/dense/MatMul"]
+    ops = {n.op_type for n in int8}
+    # the fused graph is quantized: attention stays one kernel, the LSTM is int8 too
+    assert {"QAttention", "DynamicQuantizeLSTM"} <= ops and "Attention" not in ops
+    assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    # the sensitive feed-forward MatMuls named in export.int8_blockwise are 8-bit block-wise
+    blockwise = [n.name for n in int8 if n.op_type == "MatMulNBits"]
+    assert sorted(blockwise) == ["/bert/encoder/layer.0/intermediate/dense/MatMul_Q8",
+                                 "/bert/encoder/layer.0/output/dense/MatMul_Q8",
+                                 "/bert/encoder/layer.1/output/dense/MatMul_Q8"]
     metrics = json.loads(pipeline_run.path("export_metrics").read_text())
-    assert metrics["int8_scheme"]["float_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+    assert metrics["int8_scheme"]["blockwise_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+    layers = json.loads((folder / "model_info.json").read_text())["encoder_layers"]
+    assert metrics["int8_scheme"]["quantized_attention"] == layers == sum(n.op_type == "QAttention" for n in int8)
     assert metrics["int8_vs_fp32_test"]["sequences"] > 0
 
 
 def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_path):
     import onnx
 
-    from pipeline.export import export_onnx, quantize_int8
+    from pipeline.export import export_onnx, fuse_transformer, quantize_int8
     from pipeline.model import load_model
 
     model, _ = load_model(pipeline_run.path("model_dir"))
     export_onnx(model, tmp_path / "raw.onnx", opset=17)
-    raw = onnx.load(str(tmp_path / "raw.onnx")).graph
-    weights = {t.name for t in raw.initializer}
-    with_weights = [n.name for n in raw.node if n.op_type == "MatMul" and n.input[1] in weights]
+    config = model.bert.config
+    fuse_transformer(tmp_path / "raw.onnx", tmp_path / "fused.onnx", config.num_attention_heads, config.hidden_size)
+    fused = onnx.load(str(tmp_path / "fused.onnx")).graph
+    weights = {t.name for t in fused.initializer}
+    with_weights = [n.name for n in fused.node if n.op_type == "MatMul" and n.input[1] in weights]
     float_patterns = ["/encoder/layer.1/output/dense/", "/encoder/layer.0/output/dense/"]
-    info = quantize_int8(tmp_path / "raw.onnx", tmp_path / "int8.onnx", tmp_path, blockwise=["/encoder/layer.0/"],
+    info = quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx", tmp_path, blockwise=["/encoder/layer.0/"],
                          keep_float=float_patterns)
     nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
     floats = sorted(n.name for n in nodes if n.op_type == "MatMul" and n.name in with_weights)
