@@ -37,7 +37,9 @@ def test_export_is_checked_against_pytorch(pipeline_run):
     assert metrics["parity"]["max_abs_diff"] < 1e-4
     assert metrics["parity"]["mismatched_sequences"] == 0
     assert metrics["parity"]["sequences"] > 0
-    assert "int8_f1_delta" in metrics
+    # the int8 F1 change is recorded twice, on test and on dev: either alone moves by a point on small sets
+    assert metrics["int8_f1_delta"] == metrics["test_f1_int8"] - metrics["test_f1_fp32"]
+    assert isinstance(metrics["int8_f1_delta_dev"], float)
 
 
 def test_saved_model_folder_is_self_contained(pipeline_run, tmp_path):
