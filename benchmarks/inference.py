@@ -119,8 +119,8 @@ def gemm_gflops(rows: int, inner: int, cols: int, threads: int, runs: int = 40) 
 
 
 def forward_gflop(config: Any, lstm_hidden: int, windows: list[Any]) -> float:
-    """Multiply-adds x 2 of one pass over ``windows`` (encoder GEMMs, attention, BiLSTM): the work that
-    no engine can skip."""
+    """Multiply-adds x 2 of one pass over ``windows`` (encoder GEMMs, attention, the first BiLSTM layer): work
+    that no engine can skip, so a lower bound and the ceiling computed from it an upper one."""
     h, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     flop = 0.0
     for w in windows:
@@ -229,7 +229,7 @@ def main() -> None:
                  results[name]["batched_sentences_per_s"], results[name]["single_sentences_per_s"],
                  results[name]["latency_p50_ms"], results[name]["latency_p99_ms"])
 
-    def ratios(fast: str, slow: str) -> dict[str, float]:
+    def ratios(fast: str, slow: str) -> dict[str, Any]:
         # paired: the two runs of one repeat, minutes apart at most, share the machine's load of the moment
         paired = [t_slow / t_fast for t_fast, t_slow in zip(throughput[fast], throughput[slow])]
         return {

@@ -55,7 +55,7 @@ INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 # Node-name patterns (torch.onnx names of a Hugging Face BertModel) of the MatMuls most sensitive to int8.
 INT8_SENSITIVE = ("/encoder/layer.0/intermediate/dense/", "/encoder/layer.0/output/dense/",
-              "/encoder/layer.1/output/dense/")
+                  "/encoder/layer.1/output/dense/")
 
 
 class ExportError(PipelineError):
