@@ -112,8 +112,12 @@ class NerRuntime:
 
     def tag_words(self, words: list[list[str]]) -> list[list[str]]:
         """Tags for texts already cut into words (evaluation on CoNLL files)."""
-        out: list[list[str]] = [[] for _ in words]
-        for idx, paths, *_ in self._decode_batches(self.word_emissions(words), with_marginals=False):
+        return self.decode_tags(self.word_emissions(words))
+
+    def decode_tags(self, emissions: list[np.ndarray]) -> list[list[str]]:
+        """Viterbi tags of ``word_emissions`` output, for callers that also need the emissions."""
+        out: list[list[str]] = [[] for _ in emissions]
+        for idx, paths, *_ in self._decode_batches(emissions, with_marginals=False):
             for row, i in enumerate(idx):
                 out[i] = [self.tags[t] for t in paths[row]]
         return out
