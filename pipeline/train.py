@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, cpu, distributed
 from pipeline.atomic import atomic_dir
 from pipeline.conll import Sentence, read_conll
 from pipeline.data import Example, bucket_batches, collate, make_examples
@@ -67,7 +68,7 @@ class TrainConfig:
     resume: str = "auto"        # auto: continue this run's last checkpoint | never
     plateau_factor: float = 0.5  # schedule: plateau -- rate multiplier when dev F1 stalls
     plateau_patience: int = 1    # epochs without a better dev F1 before the rate drops
-    precision: str = "auto"     # auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"     # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 (CPU: hardware bf16) | fp16
     constrain_transitions: bool = True  # forbid transitions the tag scheme rules out (O -> I-X in BIO)
     window_overlap: float = 0.5  # share of sub-tokens repeated between windows of sentences over max_length
 
@@ -96,6 +97,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache
+def cpu_bf16_lstm_works() -> bool:
+    """Whether a BiLSTM runs forward and backward under CPU bf16 autocast here (a 3-step probe, cached).
+
+    A probe, not the CPU flags: oneDNN decides by what it dispatches to (``ONEDNN_MAX_CPU_ISA`` included), and
+    without hardware bf16 it has no LSTM primitive at all ("could not create a primitive descriptor").
+    """
+    lstm = torch.nn.LSTM(4, 4, batch_first=True, bidirectional=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = lstm(torch.randn(1, 3, 4))
+        out.float().sum().backward()
+    except RuntimeError as exc:
+        log.debug("bf16 LSTM probe failed on %s: %s", cpu.describe(), exc)
+        return False
+    return True
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` on this device (None: plain fp32)."""
     if precision == "auto":
@@ -104,6 +123,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_bf16_lstm_works():
+            raise ParamsError(
+                f"train.precision: bf16 is not supported on this CPU, {cpu.describe()}: oneDNN has no bf16 LSTM "
+                "without hardware bf16 (avx512_bf16 or amx_bf16); use fp32 (or auto, which picks fp32 on CPU)")
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pipeline.errors import DataError, ParamsError
 from pipeline.model import FORBIDDEN_SCORE, HeadConfig, build_model
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.tags import allowed_transitions, first_violation, tag_names
-from pipeline.train import TrainConfig, autocast_dtype, check_tag_sequences, train
+from pipeline.train import TrainConfig, autocast_dtype, check_tag_sequences, cpu_bf16_lstm_works, train
 from tests.conftest import make_train_project
 
 TAGS = tag_names(["PER", "LOC"], "BIO")
@@ -83,8 +84,12 @@ def test_schedule_none_keeps_the_rate_and_unknown_schedules_are_refused():
 
 
 def test_precision_choices():
-    assert autocast_dtype("auto", torch.device("cpu")) is None
-    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # never bf16 on CPU, whatever the CPU has
+    if cpu_bf16_lstm_works():
+        assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    else:
+        with pytest.raises(ParamsError, match="bf16 is not supported on this CPU"):
+            autocast_dtype("bf16", torch.device("cpu"))
     with pytest.raises(ParamsError, match="fp16 needs a CUDA device"):
         autocast_dtype("fp16", torch.device("cpu"))
 
@@ -131,14 +136,36 @@ def test_with_accumulation_the_schedule_steps_once_per_optimizer_step(tmp_path, 
     assert lrs[-1] == 0.0 and lrs[-2] > 0.0
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_encoder, monkeypatch):
+def test_bf16_on_cpu_trains_where_the_cpu_has_bf16_and_is_refused_at_start_elsewhere(tmp_path, tiny_encoder,
+                                                                                      monkeypatch):
     params = make_train_project(tmp_path, tiny_encoder, 40, epochs=1, batch_size=8, precision="bf16",
                                 lstm_hidden=8, threads=1)
     monkeypatch.chdir(tmp_path)
-    summary = train("data/conll", tiny_encoder, "models/best", "dvclive/train",
-                    TrainConfig.from_params(params["train"]), 0)
+    config = TrainConfig.from_params(params["train"])
+    if not cpu_bf16_lstm_works():  # AVX2-only CPUs (Zen 3): a clear refusal before any work, nothing written
+        with pytest.raises(ParamsError, match="bf16 is not supported on this CPU"):
+            train("data/conll", tiny_encoder, "models/best", "dvclive/train", config, 0)
+        assert not (tmp_path / "models").exists()
+        return
+    summary = train("data/conll", tiny_encoder, "models/best", "dvclive/train", config, 0)
     assert summary["skipped_steps"] == 0 and summary["best_epoch"] == 1
     assert (tmp_path / "models" / "best" / "model.safetensors").is_file()
+
+
+def test_bf16_without_hardware_bf16_stops_the_train_stage_with_one_line(tmp_path, tiny_encoder):
+    """oneDNN capped at AVX2 behaves as a Zen 3 does: this checks the refusal on every kind of CPU."""
+    import subprocess
+    import sys
+
+    make_train_project(tmp_path, tiny_encoder, 40, epochs=1, batch_size=8, precision="bf16", lstm_hidden=8,
+                       threads=1)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "train.precision: bf16 is not supported on this CPU" in proc.stderr
+    assert not (tmp_path / "models" / "best").exists()
 
 
 def test_lr_find_writes_a_plot_and_a_suggestion_below_where_the_loss_explodes(tmp_path, tiny_encoder):

@@ -23,7 +23,7 @@ def make_project(path, tiny_encoder):
 
 
 def final_state(path):
-    return torch.load(path / "models" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(path / "models" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_encoder):
