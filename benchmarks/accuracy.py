@@ -44,6 +44,7 @@ from torchcrf import CRF
 from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
 from pipeline.atomic import write_json
 from pipeline.conll import Sentence, read_conll
+from pipeline.cpu import cpu_info
 from pipeline.evaluate import evaluate, score
 from pipeline.model import LengthAwareBiLSTM
 from pipeline.optim import build_optimizer
@@ -304,7 +305,7 @@ def main() -> None:
         """The figures so far: written after every run, so a study cut short still leaves what it measured."""
         models = {**kept_models, **{name: summarise(runs) for name, runs in results.items() if runs}}
         out: dict[str, Any] = {
-            "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s), **setup,
+            "corpus": "sample tweets (data/conll, fixed split)", "test_sentences": len(test_s), **setup, "cpu": cpu_info(),
             "complete": set(models) == set(MODELS) and set(ablations) == set(ABLATIONS), "models": models,
         }
         if "crf" in models and "softmax" in models:

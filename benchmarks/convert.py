@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.cpu import cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "labelstudio" / "export.json"
 CONFIG = ROOT / "data" / "labelstudio" / "label_config.xml"
@@ -102,6 +104,7 @@ def main() -> None:
             log.info("%-13s %7.2f s  %8d tasks/s  peak %6.1f MB", name, best["seconds"], best["tasks_per_s"],
                      best["peak_rss_mb"])
     report = {
+        "cpu": cpu_info(),
         "tasks": args.tasks,
         "export_mb": round(size / 2**20, 1),
         "results": results,

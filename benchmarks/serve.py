@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.convert import iter_export, task_text  # noqa: E402
+from pipeline.cpu import cpu_info  # noqa: E402
 from pipeline.inference import NerRuntime  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.words import split_words  # noqa: E402
@@ -230,6 +231,7 @@ def main() -> None:
                    "onnx_batch_size": args.onnx_batch_size, "ort_threads": threads, "workers": 1},
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": cpu_info(),
         "in_process": in_process,
         "in_process_before_and_after": {"before": before, "after": after},
         "in_process_reference": reference,

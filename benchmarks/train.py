@@ -33,6 +33,7 @@ import torch
 from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
 from pipeline.atomic import write_json
 from pipeline.conll import read_conll, write_conll
+from pipeline.cpu import cpu_info
 from pipeline.encoding import load_tokenizer, special_ids, word_pieces
 from pipeline.params import load_params
 from pipeline.train import TrainConfig, train
@@ -118,7 +119,7 @@ def main() -> None:
     report = {
         "what": "training tokens/s, one epoch from a cold start, best of rounds",
         "device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "sentences": len(sentences), "tokens": tokens,
+        "machine": platform.platform(), "cpu": cpu_info(), "sentences": len(sentences), "tokens": tokens,
         "batch_size": config.batch_size, "encoder": params["paths"]["encoder"],
         "seconds": results,
         "tokens_per_s": {name: tokens / s for name, s in best.items()},
