@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.atomic import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +61,10 @@ def restore_rng(rng: random.Random, state: dict[str, Any]) -> None:
 
 def save(directory: str | Path, state: dict[str, Any]) -> None:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(_plain(state), tmp)
-        os.replace(tmp, directory / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    progress = {k: state[k] for k in ("fingerprint", "epoch", "batch", "step", "completed")}
-    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".json", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(progress, fh)
-    os.replace(tmp, directory / PROGRESS)
+    with atomic_open(directory / CHECKPOINT, "wb") as fh:
+        torch.save(_plain(state), fh)
+    write_json(directory / PROGRESS, {k: state[k] for k in ("fingerprint", "epoch", "batch", "step", "completed")},
+               indent=None)
 
 
 def load_resumable(directory: str | Path, expected_fingerprint: str) -> dict[str, Any] | None:
