@@ -2,9 +2,12 @@
 
 The wrapper sits outside FastAPI's own middleware stack, so it sees the status
 that really went out: 401 from the key check, 413 from the body limit, 422
-from validation and the 500 of an unexpected error alike. Requests are counted
-by route template (``/v1/ner``), never by raw path, so a scan of random URLs
-cannot grow the label set: unknown paths count as ``<unmatched>``.
+from validation and the 500 of an unexpected error alike. Every label takes
+its value from a fixed set, so no client can grow the metrics: requests are
+counted by route template (``/v1/ner``), never by raw path (unknown paths
+count as ``<unmatched>``); methods outside the standard ones count as
+``other``; a status that is not a registered HTTP status counts by its class
+(``5xx``). The access log keeps the method and path as sent.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,6 +29,21 @@ access_log = logging.getLogger("serve.access")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+UNMATCHED = "<unmatched>"
+#: RFC 9110's methods plus PATCH: anything else a client makes up is labelled ``other``.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+_KNOWN_STATUSES = frozenset(s.value for s in HTTPStatus)
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    """The status itself if it is a registered HTTP status, else its class (``4xx``), else ``other``."""
+    if status in _KNOWN_STATUSES:
+        return str(status)
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
 class Metrics:
@@ -71,11 +90,15 @@ class AccessLog:
         self.routes = routes  # the router's route list: requests are labelled by template
 
     def route_of(self, scope: Scope) -> str:
+        """The template of the route that answers (or that exists under another method: a 405), else UNMATCHED."""
+        partial = UNMATCHED
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                return getattr(route, "path", "<unmatched>")
-        return "<unmatched>"
+                return getattr(route, "path", UNMATCHED)
+            if match is Match.PARTIAL and partial == UNMATCHED:
+                partial = getattr(route, "path", UNMATCHED)
+        return partial
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,13 +121,17 @@ class AccessLog:
         finally:
             seconds = time.perf_counter() - start
             route = self.route_of(scope)
-            method = scope["method"]
-            self.metrics.requests.labels(method=method, route=route, status=str(status)).inc()
+            method = method_label(scope["method"])
+            self.metrics.requests.labels(method=method, route=route, status=status_label(status)).inc()
             self.metrics.latency.labels(method=method, route=route).observe(seconds)
-            if access_log.isEnabledFor(logging.INFO):
-                client = scope.get("client")
-                access_log.info(json.dumps({
-                    "method": method, "path": scope["path"], "route": route, "status": status,
-                    "latency_ms": round(seconds * 1000, 2), "bytes": sent,
-                    "client": f"{client[0]}:{client[1]}" if client else None,
-                }, ensure_ascii=False))
+            self.log(scope, route, status, seconds, sent)
+
+    @staticmethod
+    def log(scope: Scope, route: str, status: int, seconds: float, sent: int) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            access_log.info(json.dumps({
+                "method": scope["method"], "path": scope["path"], "route": route, "status": status,
+                "latency_ms": round(seconds * 1000, 2), "bytes": sent,
+                "client": f"{client[0]}:{client[1]}" if client else None,
+            }, ensure_ascii=False))
