@@ -4,6 +4,8 @@ Every flag has a ``NER_*`` environment variable (flags win). The API key comes
 from ``NER_API_KEY`` only, never a flag, so it does not show up in process
 listings or shell history. ``kill -HUP <pid>`` reloads the model if its folder
 changed (with ``--workers`` above 1, uvicorn restarts the workers instead).
+The model is loaded before the server starts: a folder that does not load
+stops here with one line naming it and what is wrong (exit status 1).
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 import uvicorn
 
-from serve.app import Settings
+from pipeline.errors import ModelLoadError
+from serve.app import Settings, create_app
+
+log = logging.getLogger("serve")
 
 FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[field])
     "--model-dir": "model_dir",
@@ -24,11 +32,59 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--max-texts": "max_texts",
     "--max-chars": "max_chars",
     "--max-body-bytes": "max_body_bytes",
+    "--max-config-chars": "max_config_chars",
     "--threads": "threads",
 }
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class ServerOptions:
+    """What uvicorn needs besides the app."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    workers: int = 1
+    forwarded_allow_ips: str = ""    # proxies whose X-Forwarded-For/-Proto are believed ("" : none, "*" : any)
+    graceful_timeout_s: float = 10.0  # after SIGTERM, requests still running then are cut short (503)
+
+    ENV = {"host": "NER_HOST", "port": "NER_PORT", "workers": "NER_WORKERS",
+           "forwarded_allow_ips": "NER_FORWARDED_ALLOW_IPS", "graceful_timeout_s": "NER_GRACEFUL_TIMEOUT_S"}
+    FLAG = {"host": "--host", "port": "--port", "workers": "--workers",
+            "forwarded_allow_ips": "--forwarded-allow-ips", "graceful_timeout_s": "--graceful-timeout"}
+    HELP = {"workers": "each worker loads the model and batches on its own",
+            "forwarded_allow_ips": "comma-separated proxy addresses (or networks, or *) whose X-Forwarded-For "
+                                   "is believed; default none: the access log shows the peer's address",
+            "graceful_timeout_s": "seconds SIGTERM waits for running requests (and half-sent bodies) "
+                                  "before cutting them short with a 503"}
+
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        trusted = self.forwarded_allow_ips.strip()
+        return {"host": self.host, "port": self.port, "workers": self.workers,
+                "proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None,
+                "timeout_graceful_shutdown": self.graceful_timeout_s,
+                "access_log": False}  # serve.access writes one JSON line per request; uvicorn's would repeat it
+
+
+def _checked(kind: Callable[[str], Any], env: str, minimum: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type`` whose error names the environment variable too (defaults come from it)."""
+    def convert(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a valid {kind.__name__} (${env})") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{raw!r} is below {minimum} (${env})")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+SERVER_TYPES: dict[str, tuple[Callable[[str], Any], float | None]] = {
+    "host": (str, None), "port": (int, 0), "workers": (int, 1), "forwarded_allow_ips": (str, None),
+    "graceful_timeout_s": (float, 0)}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.splitlines()[0])
     defaults = Settings()
     for flag, name in FLAGS.items():
@@ -36,12 +92,23 @@ def main() -> None:
         parser.add_argument(flag, default=None, help=f"${env}; default {getattr(defaults, name)}")
     parser.add_argument("--quantized", action="store_true", default=None,
                         help="serve model.int8.onnx ($NER_QUANTIZED=1)")
-    parser.add_argument("--host", default=os.environ.get("NER_HOST", "127.0.0.1"), help="$NER_HOST")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("NER_PORT", "9090")), help="$NER_PORT")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("NER_WORKERS", "1")),
-                        help="$NER_WORKERS; each worker loads the model and batches on its own")
-    args = parser.parse_args()
-    # The app is built by a factory in each worker: hand the settings over through the environment.
+    for f in fields(ServerOptions):
+        env = ServerOptions.ENV[f.name]
+        kind, minimum = SERVER_TYPES[f.name]
+        parser.add_argument(ServerOptions.FLAG[f.name], dest=f.name, type=_checked(kind, env, minimum),
+                            default=os.environ.get(env) or str(f.default),
+                            help=f"${env}; default {f.default!r}. {ServerOptions.HELP.get(f.name, '')}".strip())
+    return parser
+
+
+def server_options(argv: list[str] | None = None) -> ServerOptions:
+    """The server options from ``argv`` and the environment (flags win)."""
+    args = build_parser().parse_args(argv)
+    return ServerOptions(**{f.name: getattr(args, f.name) for f in fields(ServerOptions)})
+
+
+def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """Flags into the environment (the worker processes build the app from it), then the settings from it."""
     for flag, name in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -49,13 +116,27 @@ def main() -> None:
     if args.quantized:
         os.environ[Settings.ENV["quantized"]] = "1"
     try:
-        Settings.from_env()  # a bad value stops here with one line, before uvicorn starts
+        return Settings.from_env()  # a bad value stops here with one line, before uvicorn starts
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = app_settings(args, parser)
+    options = ServerOptions(**{f.name: getattr(args, f.name) for f in fields(ServerOptions)})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # serve.access writes one JSON line per request; uvicorn's own access log would repeat it
-    uvicorn.run("serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                access_log=False)
+    try:
+        app = create_app(settings=settings)  # loads and warms up the model: a refusal stops here
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    if options.workers > 1:  # each worker builds its own app from the environment
+        del app
+        uvicorn.run("serve.app:app_from_env", factory=True, **options.uvicorn_kwargs())
+    else:
+        uvicorn.run(app, **options.uvicorn_kwargs())
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ Inference goes through the micro-batcher (``serve/batching.py``): concurrent
 requests share one runtime call on a worker thread, and the event loop only
 parses, validates and answers. Around the FastAPI app sit the access log and
 metrics (``serve/observability.py``) and the API-key check (``serve/auth.py``).
+Label configs are parsed off the event loop and cached (``serve/labels.py``);
+error answers survive any input (``serve/errors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -19,17 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from pipeline.errors import LabelConfigMismatch
-from pipeline.inference import NerRuntime
-from pipeline.labelconfig import LabelConfig, check_labels, parse_label_config
+from pipeline.errors import LabelConfigMismatch, ModelLoadError
+from pipeline.inference import CRF_FILE, INFO_FILE, NerRuntime
+from pipeline.labelconfig import LabelConfig, check_labels
 from pipeline.predict import to_ls_prediction
 from serve.auth import OPEN_PATHS, ApiKeyAuth
 from serve.batching import Batched, MicroBatcher
+from serve.errors import ShutdownAnswer, install_error_handlers, printable
+from serve.labels import LabelConfigs, utf8_or_422
 from serve.observability import AccessLog, Metrics
 from serve.reload import ModelReloader
 
@@ -47,6 +53,7 @@ class Settings:
     max_texts: int = 256            # texts per request
     max_chars: int = 100_000        # characters per text (long texts are windowed)
     max_body_bytes: int = 10 << 20  # request body
+    max_config_chars: int = 262_144  # a label config in /predict or /setup
     max_batch_size: int = 64        # texts per runtime call (micro-batch)
     max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
     onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
@@ -55,12 +62,13 @@ class Settings:
 
     ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
+           "max_config_chars": "NER_MAX_CONFIG_CHARS",
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS"}
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_chars", "max_batch_size", "onnx_batch_size"):
+        for name in ("max_texts", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({self.ENV[name]}) must be at least 1, got {getattr(self, name)}")
 
@@ -187,7 +195,7 @@ class NerService(FastAPI):
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's signature
         self.in_flight = InFlight(super().build_middleware_stack(), INFERENCE_PATHS)
-        return AccessLog(ApiKeyAuth(self.in_flight, self.api_key), self.metrics, self.router.routes)
+        return AccessLog(ShutdownAnswer(ApiKeyAuth(self.in_flight, self.api_key)), self.metrics, self.router.routes)
 
     def arrivals(self) -> int:
         """Requests inside the app that the batcher has not been handed yet (read from the worker thread)."""
@@ -205,8 +213,7 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
         settings = Settings(**{**{f.name: getattr(settings, f.name) for f in fields(Settings)}, **overrides})
 
     def load(path: Path) -> NerRuntime:
-        return NerRuntime(path, quantized=settings.quantized, threads=settings.ort_threads(),
-                          batch_size=max(1, settings.onnx_batch_size))
+        return load_runtime(path, settings)
 
     metrics = Metrics()
     runtime = load(settings.model_dir)
@@ -215,6 +222,7 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
                            on_batch=metrics.observe_batch)
     reloader = ModelReloader(settings.model_dir, load, batcher, on_reload=metrics.observe_reload)
     configs: dict[str, LabelConfig] = {}
+    parsed = LabelConfigs(settings.max_config_chars)
     state = {"ready": False}
 
     @contextlib.asynccontextmanager
@@ -240,23 +248,22 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
                      description="BERT-BiLSTM-CRF entities with character offsets; also a Label Studio ML "
                                  "backend. Every route except /health and /ready needs the API key when one "
                                  "is set (Bearer token, or basic auth with the key as password).")
+    install_error_handlers(app)
     app.metrics, app.api_key = metrics, settings.api_key
     batcher.arrivals = app.arrivals
     app.state.batcher, app.state.reloader, app.state.settings = batcher, reloader, settings
 
-    def check_texts(texts: list[str]) -> None:
+    def check_texts(texts: list[str], names: list[str] | None = None) -> None:
+        """Count and length limits (413) and valid Unicode (422); ``names[i]`` names text i in the error."""
         if len(texts) > settings.max_texts:
             raise HTTPException(status_code=413,
                                 detail=f"{len(texts)} texts; at most {settings.max_texts} per request")
         for i, text in enumerate(texts):
+            name = names[i] if names else f"text {i}"
             if len(text) > settings.max_chars:
                 raise HTTPException(status_code=413,
-                                    detail=f"text {i} has {len(text)} characters; at most {settings.max_chars}")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise HTTPException(status_code=422, detail=f"text {i} is not valid Unicode: lone surrogate "
-                                                            f"at character {exc.start}") from None
+                                    detail=f"{name} has {len(text)} characters; at most {settings.max_chars}")
+            utf8_or_422(text, name)
 
     async def run(texts: list[str]) -> Batched:
         if not texts:
@@ -298,36 +305,31 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
         return NerResponse(model_version=out.model_version,
                            results=[TextResult(**p.to_dict()) for p in out.predictions])
 
-    @app.post("/setup", response_model=SetupResponse, tags=["label studio"])
+    @app.post("/setup", response_model=SetupResponse, tags=["label studio"],
+              responses={413: {"description": "label config too long"}})
     def setup(body: SetupRequest) -> dict[str, str]:
         """Label Studio ML backend: reloads the model if its folder changed; checks the project's labels."""
         reloader.check()
         current = batcher.runtime
         if body.schema_:
-            configs[_project_key(body.project)] = _config_or_422(body.schema_, current.entity_types)
+            config = parsed.parse(body.schema_, "schema")  # a sync route: FastAPI runs it in a worker thread
+            _labels_or_422(config, current.entity_types)
+            configs[_project_key(body.project)] = config
         return {"model_version": current.model_version}
 
     @app.post("/predict", response_model=PredictResponse, tags=["label studio"],
-              responses={413: {"description": "too many tasks or a text too long"}})
+              responses={413: {"description": "too many tasks, a text or the label config too long"}})
     async def predict(body: PredictRequest) -> dict[str, Any]:
         """Label Studio ML backend: one prediction per task, regions named after the label config."""
-        labels = batcher.runtime.entity_types
         if body.label_config:
-            config = _config_or_422(body.label_config, labels)
+            config = await run_in_threadpool(parsed.parse, body.label_config, "label_config")
         elif _project_key(body.project) in configs:
             config = configs[_project_key(body.project)]
-            _labels_or_422(config, labels)
         else:
             raise HTTPException(status_code=422, detail="no label_config in the request and no /setup for project")
-        texts = []
-        for i, task in enumerate(body.tasks):
-            data = task.get("data")
-            text = data.get(config.data_key) if isinstance(data, dict) else None
-            if not isinstance(text, str):
-                raise HTTPException(status_code=422,
-                                    detail=f"task {task.get('id', i)}: data.{config.data_key} must be a string")
-            texts.append(text)
-        check_texts(texts)
+        _labels_or_422(config, batcher.runtime.entity_types)
+        texts, names = _task_texts(body.tasks, config.data_key)
+        check_texts(texts, names)
         out = await run(texts)
         return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
 
@@ -370,13 +372,18 @@ def _project_key(project: str | None) -> str:
     return (project or "").split(".")[0]
 
 
-def _config_or_422(xml: str, labels: list[str]) -> LabelConfig:
-    try:
-        config = parse_label_config(xml)
-    except LabelConfigMismatch as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    _labels_or_422(config, labels)
-    return config
+def _task_texts(tasks: list[dict[str, Any]], data_key: str) -> tuple[list[str], list[str]]:
+    """Each task's ``data[data_key]`` and its name for errors (``tasks[3] (id 17): data.text``); 422 if not a str."""
+    texts, names = [], []
+    for i, task in enumerate(tasks):
+        name = f"tasks[{i}]" + (f" (id {printable(task['id'])})" if "id" in task else "") + f": data.{data_key}"
+        data = task.get("data")
+        text = data.get(data_key) if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise HTTPException(status_code=422, detail=f"{name} must be a string")
+        texts.append(text)
+        names.append(name)
+    return texts, names
 
 
 def _labels_or_422(config: LabelConfig, labels: list[str]) -> None:
@@ -386,6 +393,42 @@ def _labels_or_422(config: LabelConfig, labels: list[str]) -> None:
         raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
+def load_runtime(model_dir: Path, settings: Settings) -> NerRuntime:
+    """The model folder loaded and warmed up; any refusal is a :class:`ModelLoadError` naming the folder and why."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model folder {model_dir} does not exist ({Settings.ENV['model_dir']}, --model-dir); "
+                             "run the export stage first")
+    try:
+        runtime = NerRuntime(model_dir, quantized=settings.quantized, threads=settings.ort_threads(),
+                             batch_size=max(1, settings.onnx_batch_size))
+        runtime.predict(["warm up"])  # the first ONNX run builds kernels, and shows a graph that does not run
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime, tokenizers and json each raise their own types
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {_load_problem(model_dir, exc)}") from exc
+    return runtime
+
+
+def _load_problem(model_dir: Path, exc: Exception) -> str:
+    """What is wrong, in one line: a JSON file of the folder that does not parse, else the error's first line."""
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as bad:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{path.name} is not valid JSON ({str(bad).splitlines()[0]})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KeyError):
+        return f"{CRF_FILE} or {INFO_FILE} lacks the entry {text}"
+    return f"{type(exc).__name__}: {text}"
+
+
 def app_from_env() -> NerService:
-    """Factory for ``uvicorn --factory serve.app:app_from_env`` (what ``python -m serve`` runs)."""
-    return create_app(settings=Settings.from_env())
+    """Factory for ``uvicorn --factory serve.app:app_from_env`` (what ``python -m serve`` runs with workers).
+
+    A model folder that does not load stops the process with one logged line (exit status 1), not a traceback.
+    """
+    try:
+        return create_app(settings=Settings.from_env())
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
