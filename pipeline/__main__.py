@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 #: Imported by every stage; if the interpreter lacks them, it is not the project's environment.
-_STAGE_PACKAGES = ("yaml", "tqdm", "numpy", "tokenizers")
+_STAGE_PACKAGES = ("yaml", "tqdm", "numpy", "tokenizers", "onnxruntime", "torch", "dvclive")
 
 
 def ensure_project_interpreter(argv: list[str]) -> None:

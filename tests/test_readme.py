@@ -8,15 +8,17 @@ command cannot go into the README unchecked.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, VENV_BIN, run
 
 README = ROOT / "README.md"
 
@@ -25,6 +27,7 @@ QUICK = [
     r"\.venv/bin/dvc plots show",
     r"\.venv/bin/dvc exp show --only-changed",
     r"\.venv/bin/dvc dag",
+    r"\.venv/bin/dvc repro -s -f predict",
     r"\.venv/bin/python -m serve --model-dir models/onnx --port 9090",
     r"curl -s localhost:9090/v1/ner ",
     r"\.venv/bin/python scripts/render_plots\.py$",
@@ -32,6 +35,8 @@ QUICK = [
 # Run elsewhere in the suite (the file and test that do it) or by CI itself.
 COVERED = {
     r"make test": ".ci/run",
+    r"git checkout -- dvclive metrics plots reports && \.venv/bin/dvc checkout":
+        "tests/test_dvc_failures.py::test_after_a_failed_train_dvc_checkout_brings_the_last_model_back",
     r"make repro$": "tests/test_pipeline_dvc.py::test_repro_runs_every_stage_and_writes_the_promised_outputs",
     r"make repro-msra": "tests/test_msra_pipeline.py::test_msra_pipeline_runs_end_to_end_with_exact_chinese_offsets",
     r"\.venv/bin/torchrun --standalone --nproc_per_node 2 -m pipeline train":
@@ -51,6 +56,12 @@ NOT_HERE = {
     r"\.venv/bin/dvc exp run .*(/models/bert-base-c|bert-base-chinese)": "needs the user's BERT folder on disk",
     r"\.venv/bin/python benchmarks/": "benchmarks: minutes to an hour of quiet machine, not tests",
 }
+
+
+def fresh_shell(env: dict[str, str]) -> dict[str, str]:
+    """The test environment without the virtualenv on PATH, as a new terminal has it."""
+    path = [p for p in env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN]
+    return {**env, "PATH": os.pathsep.join(path)}
 
 
 def readme_commands() -> list[str]:
@@ -98,7 +109,7 @@ def command(pattern: str) -> str:
 
 @pytest.mark.slow
 def test_quick_readme_commands_run_as_written(pipeline_run):
-    root, env = pipeline_run.root, pipeline_run.env
+    root, env = pipeline_run.root, fresh_shell(pipeline_run.env)  # as written: the venv is not on PATH
     venv = root / ".venv"
     if not venv.exists():
         venv.symlink_to(ROOT / ".venv")
@@ -111,6 +122,10 @@ def test_quick_readme_commands_run_as_written(pipeline_run):
     for plot in ("Training loss", "Learning rate per group", "Dev F1", "per_type_f1", "confusion"):
         assert plot in page, f"`dvc plots show` lacks {plot}"
     sh(command(r"\.venv/bin/dvc exp show --only-changed"))
+    predictions = pipeline_run.path("predictions")
+    before = predictions.read_bytes()
+    rerun = sh(command(r"\.venv/bin/dvc repro -s -f predict")).stdout
+    assert "Running stage 'predict'" in rerun and predictions.read_bytes() == before
     dag = sh(command(r"\.venv/bin/dvc dag")).stdout
     assert all(stage in dag for stage in ("convert", "train", "evaluate", "export", "predict"))
     sh(command(r"\.venv/bin/python scripts/render_plots\.py$").replace("scripts/", f"{ROOT}/scripts/"))

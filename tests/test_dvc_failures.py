@@ -1,0 +1,103 @@
+"""`dvc repro` keeps its promise when a stage fails or is killed: the old outputs stay, or come back.
+
+DVC deletes a stage's outputs before it runs the command. convert and predict mark theirs ``persist`` and
+swap new ones in atomically, so a failure keeps the last good files; the slow stages keep DVC's run cache,
+and ``dvc checkout`` brings back what ``dvc.lock`` records (it changes only when a stage succeeds). Every
+command runs as a user's fresh shell would: ``.venv/bin/dvc``, with the virtualenv not on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import VENV_BIN, run
+from tests.test_readme import command, fresh_shell
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def project(pipeline_run, tmp_path):
+    """A private copy of the project that `dvc repro` has run (git, DVC cache and all), and its env."""
+    root = tmp_path / "project"
+    shutil.copytree(pipeline_run.root, root, symlinks=True)
+    (root / ".venv").symlink_to(VENV_BIN.parent)
+    (root / ".gitignore").write_text("__pycache__/\n.venv\n")
+    run(["git", "add", "-A"], root, pipeline_run.env)  # as the project commits dvc.lock and its metric files
+    run(["git", "commit", "-qm", "outputs of dvc repro"], root, pipeline_run.env)
+    return root, fresh_shell(pipeline_run.env), pipeline_run.params["paths"]
+
+
+def snapshot(root: Path, *paths: str) -> dict[str, bytes]:
+    files = {}
+    for rel in paths:
+        path = root / rel
+        for f in sorted(path.rglob("*") if path.is_dir() else [path]):
+            if f.is_file():
+                files[str(f.relative_to(root))] = f.read_bytes()
+    assert files, f"nothing under {paths}"
+    return files
+
+
+def dvc(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([".venv/bin/dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_a_bad_export_under_dvc_repro_keeps_the_last_conll_and_report(project):
+    root, env, paths = project
+    before = snapshot(root, paths["conll_dir"], paths["convert_report"])
+    (root / paths["export"]).write_text('[{"id": 1, "data": {"text": "Paris"}, "annotations": [', encoding="utf-8")
+
+    proc = dvc(root, env, "repro", "convert")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert snapshot(root, paths["conll_dir"], paths["convert_report"]) == before
+
+
+def test_kill_9_of_dvc_repro_predict_keeps_the_last_tasks_file(project):
+    root, env, paths = project
+    before = snapshot(root, paths["predictions"])
+    proc = subprocess.Popen([".venv/bin/dvc", "repro", "-f", "predict"], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    for line in proc.stdout:  # DVC has removed non-persistent outputs by the time it names the stage
+        seen.append(line)
+        if "Running stage 'predict'" in line:
+            break
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert any("Running stage 'predict'" in line for line in seen), "".join(seen)
+    assert snapshot(root, paths["predictions"]) == before
+
+    again = dvc(root, env, "repro", "predict")  # run it again from the same fresh shell: it completes
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert snapshot(root, paths["predictions"]) == before  # same model, same tasks: same file
+
+
+def test_after_a_failed_train_dvc_checkout_brings_the_last_model_back(project):
+    root, env, paths = project
+    before = snapshot(root, paths["model_dir"])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["precision"] = "fp16"  # needs CUDA: the stage refuses at start
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    failed = dvc(root, env, "repro", "train")
+    assert failed.returncode != 0 and "fp16 needs a CUDA device" in failed.stdout + failed.stderr
+    assert not (root / paths["model_dir"]).exists()  # DVC removed it before the command ran
+
+    run(["git", "checkout", "--", "params.yaml"], root, env)
+    restored = subprocess.run(["bash", "-c", command(r"git checkout -- dvclive")], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)  # the README's recovery command
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert snapshot(root, paths["model_dir"]) == before
+    status = dvc(root, env, "status")
+    assert status.returncode == 0 and "changed outs" not in status.stdout, status.stdout
