@@ -163,13 +163,21 @@ def test_metrics_count_requests_by_route_and_status(service):
         assert name in text
 
 
+def access_lines(svc, path: str) -> list[dict]:
+    """The access-log records of ``path`` so far, oldest first."""
+    records = [json.loads(line.split("serve.access: ", 1)[1]) for line in svc.log_tail(10**7).splitlines()
+               if "serve.access: " in line]
+    return [rec for rec in records if rec["path"] == path]
+
+
 def test_access_log_has_one_json_line_per_request_with_latency(svc, service):
     marker = "/v1/model?access-log-marker"
+    before = len(access_lines(svc, "/v1/model"))
     assert service.get(marker).status_code == 200
     assert httpx.get(f"{svc.url}/v1/model", timeout=30).status_code == 401
-    lines = [json.loads(line.split("serve.access: ", 1)[1]) for line in svc.log_tail(10**7).splitlines()
-             if "serve.access: " in line]
-    model_lines = [rec for rec in lines if rec["path"] == "/v1/model"]
+    deadline = time.monotonic() + 30  # each line is written just after its answer went out
+    while len(model_lines := access_lines(svc, "/v1/model")) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert {rec["status"] for rec in model_lines[-2:]} == {200, 401}
     for rec in model_lines[-2:]:
         assert rec["method"] == "GET" and rec["route"] == "/v1/model"
