@@ -34,6 +34,18 @@ class ConversionError(PipelineError):
         self.line = line
 
 
+class TaskError(ConversionError):
+    """One task whose content is broken (a null annotation, offsets outside its text, ...).
+
+    ``convert.bad_tasks: skip`` (the default) leaves the task out and lists it
+    in the report; ``error`` stops at the first one.
+    """
+
+
+class FileEncodingError(ConversionError):
+    """An export or label config file that is not UTF-8 (or gzip-compressed UTF-8)."""
+
+
 class LabelConfigMismatch(PipelineError):
     """Model labels or region names do not match a Label Studio label config."""
 

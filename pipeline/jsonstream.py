@@ -9,17 +9,23 @@ A byte range of the file can be read on its own (``start``/``stop``), so
 several processes can convert one export side by side; ``find_item_start``
 guesses where an item begins near an offset, and reading the previous range
 proves the guess (``RangeMismatch`` otherwise).
+
+Bytes that are not UTF-8, a task nested too deeply for the decoder, and a
+corrupt gzip stream are ``ConversionError``s naming the file and the byte.
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from pipeline.errors import ConversionError
+from pipeline.errors import ConversionError, FileEncodingError
+from pipeline.textfile import GZIP_MAGIC, not_utf8, refusal
 
 _WHITESPACE = " \t\n\r"
 
@@ -28,10 +34,32 @@ class RangeMismatch(Exception):
     """A guessed item start turned out not to be one: read the file in one piece instead."""
 
 
+def open_export(path: Path) -> IO[bytes]:
+    """The file's bytes (decompressed if it is gzip); refuses encodings Label Studio does not write."""
+    fh: IO[bytes] = path.open("rb")
+    head = fh.read(64)
+    if head.startswith(GZIP_MAGIC):
+        fh.close()
+        fh = gzip.open(path, "rb")
+        try:
+            head = fh.read(64)
+        except (OSError, EOFError, zlib.error) as exc:
+            fh.close()
+            raise ConversionError(f"{path}: gzip data is corrupt or truncated ({exc})") from None
+    fh.seek(0)
+    reason = refusal(head)
+    if reason is not None:
+        fh.close()
+        raise FileEncodingError(f"{path}: {reason}")
+    return fh
+
+
 class _Buffer:
     def __init__(self, path: Path, chunk_size: int, start: int = 0) -> None:
-        self.fh = path.open("rb")
+        self.fh = open_export(path)
         self.fh.seek(start)
+        self.gzip = isinstance(self.fh, gzip.GzipFile)
+        self.read_bytes = start  # bytes read from the (decompressed) file so far
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.path = path
         self.chunk_size = chunk_size
@@ -52,8 +80,14 @@ class _Buffer:
         """Append a chunk, dropping what was already decoded; False at end of file."""
         if self.eof:
             return False
-        raw = self.fh.read(self.chunk_size)
-        chunk = self.decoder.decode(raw, final=not raw)
+        raw = self._read()
+        pending = len(self.decoder.getstate()[0])  # bytes of a character cut by the last read
+        try:
+            chunk = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            offset = self.read_bytes - pending + exc.start
+            raise FileEncodingError(f"{self.path}: {not_utf8(exc, offset)}{self._decompressed()}") from None
+        self.read_bytes += len(raw)
         if not raw:
             self.eof = True
             if not chunk:
@@ -66,6 +100,15 @@ class _Buffer:
             self.pos = 0
         self.text += chunk
         return True
+
+    def _read(self) -> bytes:
+        try:
+            return self.fh.read(self.chunk_size)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ConversionError(f"{self.path}: gzip data is corrupt or truncated ({exc})") from None
+
+    def _decompressed(self) -> str:
+        return " (offset in the decompressed data)" if self.gzip else ""
 
     def skip_whitespace(self) -> str | None:
         """Next significant character (not consumed), or None at end of file."""
@@ -83,8 +126,14 @@ class _Buffer:
         column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
         return f"line {line}, column {column}"
 
-    def error(self, message: str, pos: int | None = None) -> ConversionError:
-        return ConversionError(f"{self.path}: not valid JSON at {self.where(pos)}: {message}")
+    def error(self, message: str, pos: int | None = None, problem: str = "not valid JSON") -> ConversionError:
+        pos = self.pos if pos is None else pos
+        if pos >= self._synced_pos:
+            byte = self.byte_offset(pos)
+        else:
+            byte = self._synced_byte - len(self.text[pos:self._synced_pos].encode("utf-8"))
+        where = f"byte {byte} of the decompressed data" if self.gzip else f"byte {byte}"
+        return ConversionError(f"{self.path}: {problem} at {self.where(pos)} ({where}): {message}")
 
 
 def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars: int = 64 << 20, *,
@@ -140,6 +189,9 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
                 except json.JSONDecodeError as exc:
                     if len(buf.text) - buf.pos > max_item_chars or not buf.fill():
                         raise buf.error(exc.msg, exc.pos) from None
+                except RecursionError:
+                    raise buf.error("it nests lists or objects too deeply to decode (a Label Studio task "
+                                    "nests a few levels)", problem="an item that is not a task") from None
             buf.pos = end
             state = "after_item"
             yield item
@@ -184,7 +236,7 @@ def find_item_start(path: str | Path, offset: int, window: int = 1 << 20) -> int
     while i != -1:
         try:
             item, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             item = None
         if isinstance(item, dict) and "data" in item and "id" in item:
             if text[end:].lstrip(_WHITESPACE)[:1] in (",", "]"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import LabelConfigMismatch
+from pipeline.textfile import decode_utf8
 
 _LABEL_TAGS = {"Labels", "HyperTextLabels", "ParagraphLabels"}
 
@@ -54,8 +55,17 @@ def parse_label_config(xml: str) -> LabelConfig:
     return LabelConfig(from_name=from_name, to_name=to_name, data_key=data_key or "text", labels=labels)
 
 
+def read_label_config_xml(path: str | Path) -> str:
+    """The config file's text: UTF-8 (a BOM allowed), else a ``FileEncodingError`` naming the byte."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LabelConfigMismatch(f"{path}: label config file not found") from None
+    return decode_utf8(data, path)
+
+
 def read_label_config(path: str | Path) -> LabelConfig:
-    return parse_label_config(Path(path).read_text(encoding="utf-8"))
+    return parse_label_config(read_label_config_xml(path))
 
 
 def check_labels(model_labels: list[str], config: LabelConfig) -> None:

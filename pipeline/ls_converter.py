@@ -20,8 +20,9 @@ from typing import Any
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.conll import Sentence, format_sentence
 from pipeline.convert import SPLITS, split_of, write_labels
-from pipeline.errors import ConversionError
-from pipeline.labelconfig import read_label_config
+from pipeline.errors import ConversionError, FileEncodingError
+from pipeline.jsonstream import iter_json_array, open_export
+from pipeline.labelconfig import read_label_config, read_label_config_xml
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def convert_items(export_path: str | Path, label_config_path: str | Path):
     from nltk.tokenize import TreebankWordTokenizer
 
     config = read_label_config(label_config_path)
-    xml = Path(label_config_path).read_text(encoding="utf-8")
+    xml = read_label_config_xml(label_config_path)
+    check_plain_json(Path(export_path))
     converter = Converter(config=xml, project_dir=None, download_resources=False)
     tokenizer = TreebankWordTokenizer()
-    for item in converter.iter_from_json_file(str(export_path)):
+    for item in _sdk_items(converter, export_path):
         text = item["input"].get(config.data_key)
         if not isinstance(text, str):
             raise ConversionError("task has no text", task_id=item.get("id"), field=f"data.{config.data_key}")
@@ -46,6 +48,30 @@ def convert_items(export_path: str | Path, label_config_path: str | Path):
         if [text[s:e] for s, e in offsets] != tokens:  # span_tokenize and tokenize agree on plain text
             offsets = _offsets_by_search(text, tokens)
         yield item["id"], Sentence(str(item["id"]), text, offsets, tags)
+
+
+def check_plain_json(path: Path) -> None:
+    """Refuse what the SDK's converter cannot read before it fails inside (or, on a task nested
+    100k levels deep, runs out of memory): read the file once with our streaming reader."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: export file not found")
+    with open_export(path) as fh:
+        if hasattr(fh, "fileobj"):  # a GzipFile
+            raise FileEncodingError(f"{path}: is gzip-compressed; the ls-converter engine reads plain JSON "
+                                    "only: decompress it (gunzip) or use the exact engine")
+    for _ in iter_json_array(path):
+        pass
+
+
+def _sdk_items(converter: Any, export_path: str | Path):
+    """The SDK converter's items; bytes it cannot decode or nest become one-line errors."""
+    try:
+        yield from converter.iter_from_json_file(str(export_path))
+    except UnicodeDecodeError as exc:
+        raise FileEncodingError(f"{export_path}: is not UTF-8 ({exc.reason} near byte {exc.start}); Label "
+                                "Studio writes UTF-8") from None
+    except RecursionError:
+        raise ConversionError(f"{export_path}: an item nests lists or objects too deeply to decode") from None
 
 
 def _offsets_by_search(text: str, tokens: list[str]) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ Where that converter is right (English text, entities on token edges) both
 give the same entities; each known divergence has a test showing ours right.
 """
 
+import gzip
 import json
 
 import pytest
@@ -97,3 +98,22 @@ def test_engine_is_selectable_from_params(tmp_path):
     with pytest.raises(Exception, match="BIO only"):
         params["convert"]["scheme"] = "BIOES"
         main(params)
+
+
+@pytest.mark.parametrize("data,message", [
+    (lambda text: gzip.compress(text.encode()), "is gzip-compressed; the ls-converter engine reads plain JSON only"),
+    (lambda text: text.encode("latin-1"), r"is not UTF-8: byte \d+ \(0xE9\)"),
+    (lambda text: text.encode("utf-16"), r"is UTF-16LE"),
+    (lambda text: b"[" * 100_000 + b"]" * 100_000, "nests lists or objects too deeply"),
+])
+def test_the_sdk_engine_refuses_unreadable_exports_in_one_line(tmp_path, data, message):
+    from pipeline.errors import ConversionError
+    from pipeline.ls_converter import run
+
+    export = tmp_path / "export.json"
+    export.write_bytes(data(json.dumps([task(1, "café Paris", region(5, 10, "LOC", "Paris"))], ensure_ascii=False)))
+    config = tmp_path / "config.xml"
+    config.write_text(CONFIG_XML, encoding="utf-8")
+    with pytest.raises(ConversionError, match=message):
+        run(export, config, tmp_path / "conll", tmp_path / "r.json")
+    assert not (tmp_path / "conll").exists()
