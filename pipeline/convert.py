@@ -2,16 +2,28 @@
 
 Nothing is lost silently: every span that is not kept as it was annotated
 (dropped, trimmed, re-anchored) is counted and listed in the report with its
-task id, annotation id, offsets and reason.
+task id, annotation id, offsets and reason; every task left out is listed
+with the field at fault.
+
+What stops, what is skipped: a file that cannot be read as a list of tasks
+(not UTF-8, not JSON, nested too deeply, an item that is not a task or has
+no usable id) stops the conversion, as does an export where no span result
+matches the label config. A task whose own content is broken (``TaskError``:
+a null annotation, a result that is not a list, offsets outside its text, a
+``value.text`` that is not a string, a lone surrogate in its text) is left
+out and listed (``convert.bad_tasks: skip``), or stops it (``error``).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import html
+import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -23,7 +35,7 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, atomic_open, write_json
 from pipeline.conll import Sentence, format_sentence
-from pipeline.errors import ConversionError
+from pipeline.errors import ConversionError, TaskError
 from pipeline.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
 from pipeline.labelconfig import LabelConfig, read_label_config
 from pipeline.tags import SCHEMES, spans_to_tags, tag_names
@@ -33,6 +45,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 NEARBY_CHARS = 32
+SHOWN_SKIPPED = 10  # skipped tasks named in the log; the report lists all of them
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNMATCHED = ("other_control", "other_object", "unsupported_type", "unknown_label")
 
 
 @dataclass(frozen=True)
@@ -45,12 +60,13 @@ class Span:
 
 @dataclass
 class ConvertReport:
-    """Counts per policy and label, plus every span that was changed or dropped."""
+    """Counts per policy and label, every span that was changed or dropped, and every task skipped."""
 
     counts: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
     splits: Counter = field(default_factory=Counter)
     spans: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, reason: str, action: str, task_id: Any, span: Span, text: str, **extra: Any) -> None:
         self.counts[f"spans_{action}:{reason}"] += 1
@@ -60,42 +76,99 @@ class ConvertReport:
             "reason": reason, **extra,
         })
 
+    def skip(self, error: TaskError) -> None:
+        self.counts["tasks_skipped"] += 1
+        self.skipped.append({"task_id": error.task_id, "field": error.field, "error": str(error)})
+
+    def merge(self, other: ConvertReport) -> None:
+        self.counts.update(other.counts)
+        self.labels.update(other.labels)
+        self.splits.update(other.splits)
+        self.spans.extend(other.spans)
+        self.skipped.extend(other.skipped)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "counts": dict(sorted(self.counts.items())),
             "labels": dict(sorted(self.labels.items())),
             "splits": dict(self.splits),
             "spans": self.spans,
+            "skipped_tasks": self.skipped,
         }
 
 
+def write_report(path: str | Path, report: ConvertReport) -> None:
+    """The report as UTF-8 JSON; a lone surrogate copied from the export is written as its JSON escape."""
+    data = json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    with atomic_open(path, "wb") as fh:
+        fh.write(data.encode("utf-8", "backslashreplace"))
+
+
 def iter_export(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Stream the tasks of a Label Studio JSON export file."""
+    """Stream the tasks of a Label Studio JSON export file (gzip-compressed too)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: export file not found")
     yield from iter_json_array(path)
 
 
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in ((str, "a string"), (int, "a number"), (float, "a number"), (list, "a list"),
+                       (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 def task_text(task: dict[str, Any], data_key: str) -> str:
     task_id = task.get("id")
     data = task.get("data")
     if not isinstance(data, dict) or data_key not in data:
-        raise ConversionError("task has no text", task_id=task_id, field=f"data.{data_key}")
+        raise TaskError("task has no text", task_id=task_id, field=f"data.{data_key}")
     text = data[data_key]
     if not isinstance(text, str):
-        raise ConversionError(f"expected a string, got {type(text).__name__}", task_id=task_id,
-                              field=f"data.{data_key}")
+        raise TaskError(f"expected a string, got {json_kind(text)}", task_id=task_id, field=f"data.{data_key}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TaskError(f"the text holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at index {exc.start},"
+                            " which is no character (a broken emoji?)", task_id=task_id,
+                            field=f"data.{data_key}") from None
     return text
+
+
+def check_task_id(task: Any, number: int) -> Any:
+    """The id of the ``number``-th item, which must be a task object with an int or one-line string id."""
+    if not isinstance(task, dict):
+        raise ConversionError(f"item {number} of the export is {json_kind(task)}, not a task object")
+    task_id = task.get("id")
+    if task_id is None:
+        raise ConversionError(f"item {number} of the export has no task id", field="id")
+    if isinstance(task_id, bool) or not isinstance(task_id, (int, str)) or (
+            isinstance(task_id, str) and (not task_id.strip() or _LONE_SURROGATE.search(task_id)
+                                          or "\n" in task_id or "\r" in task_id)):
+        raise ConversionError(f"item {number} of the export has task id {task_id!r}; expected an integer "
+                              "or a one-line string", field="id")
+    return task_id
 
 
 def choose_annotations(task: dict[str, Any], policy: str, report: ConvertReport) -> list[dict[str, Any]]:
     """Pick the annotations a task contributes: ground truth, else the latest, or all."""
     annotations = task.get("annotations") or []
     if not isinstance(annotations, list):
-        raise ConversionError("expected a list", task_id=task.get("id"), field="annotations")
+        raise TaskError(f"expected a list, got {json_kind(annotations)}", task_id=task.get("id"),
+                        field="annotations")
     kept = []
-    for ann in annotations:
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise TaskError(f"expected an annotation object, got {json_kind(ann)}", task_id=task.get("id"),
+                            field=f"annotations[{i}]")
         if ann.get("was_cancelled"):
             report.counts["annotations_cancelled"] += 1
         else:
@@ -131,90 +204,192 @@ def _utf16_len(text: str) -> int:
     return sum(2 if ord(ch) > 0xFFFF else 1 for ch in text)
 
 
+def text_disagreement(found: str, value_text: str) -> str | None:
+    """Which known Label Studio quirk makes ``value.text`` differ from a right ``text[start:end]``, or None.
+
+    - ``whitespace_normalised``: runs of spaces or line breaks (``\\r\\n`` too) collapsed to one space,
+      or edge whitespace trimmed (HumanSignal/label-studio#3078, #5338)
+    - ``line_breaks_removed``: line breaks dropped after the annotation was updated (#1863)
+    - ``html_escaped``: ``&amp;`` for ``&`` and the like ("escaped characters", #4929)
+    - ``word_granularity``: the raw selection, while the offsets were widened to whole words (#1931)
+    """
+    if not value_text.strip() or not found.strip():
+        return None
+    if " ".join(found.split()) == " ".join(value_text.split()):
+        return "whitespace_normalised"
+    if "".join(found.split()) == "".join(value_text.split()):
+        return "line_breaks_removed"
+    if html.unescape(value_text) == found:
+        return "html_escaped"
+    k = found.find(value_text)
+    if k != -1:
+        before, after = found[:k], found[k + len(value_text):]
+        if (not before or before.isalnum()) and (not after or after.isalnum()):
+            return "word_granularity"
+    return None
+
+
 def anchor_span(text: str, span: Span, value_text: str | None, task_id: Any,
                 report: ConvertReport) -> Span | None:
     """Make ``span`` point at exactly ``value_text`` in ``text``, or drop it.
 
     Label Studio writes code-point offsets, but some tools and older exports
-    count UTF-16 units (shifted by one per emoji before the span); and edited
-    texts move spans a few characters. Both are repaired and reported.
+    count UTF-16 units (shifted by one per emoji before the span), and edited
+    texts move spans a few characters: both are repaired and listed. Where
+    ``value.text`` differs in a known way (``text_disagreement``) the offsets
+    are kept and the class counted.
     """
-    if value_text is None or text[span.start:span.end] == value_text:
+    found = text[span.start:span.end]
+    if value_text is None or found == value_text:
+        if value_text is None:
+            report.counts["spans_accepted:no_value_text"] += 1
         return span
     start, end = _utf16_to_index(text, span.start), _utf16_to_index(text, span.end)
     if start is not None and end is not None and text[start:end] == value_text:
         fixed = Span(start, end, span.label, span.annotation_id)
         report.record("utf16_offsets", "changed", task_id, span, value_text, new_start=start, new_end=end)
         return fixed
-    lo = max(0, span.start - NEARBY_CHARS)
-    hi = min(len(text), span.end + NEARBY_CHARS)
-    best = None
-    pos = text.find(value_text, lo, hi) if value_text else -1
-    while pos != -1:
-        if best is None or abs(pos - span.start) < abs(best - span.start):
-            best = pos
-        pos = text.find(value_text, pos + 1, hi)
+    quirk = text_disagreement(found, value_text)
+    if quirk is not None:
+        report.counts[f"spans_accepted:{quirk}"] += 1
+        return span
+    best = _nearest(text, value_text, span.start, max(0, span.start - NEARBY_CHARS),
+                    min(len(text), span.end + NEARBY_CHARS))
     if best is not None:
         fixed = Span(best, best + len(value_text), span.label, span.annotation_id)
         report.record("shifted", "changed", task_id, span, value_text, new_start=fixed.start, new_end=fixed.end)
         return fixed
-    report.record("text_mismatch", "dropped", task_id, span, value_text,
-                  found=text[span.start:span.end])
+    report.record("text_mismatch", "dropped", task_id, span, value_text, found=found)
     return None
+
+
+def _nearest(text: str, needle: str, origin: int, lo: int, hi: int) -> int | None:
+    """Start of the occurrence of ``needle`` in ``text[lo:hi]`` nearest to ``origin``."""
+    best = None
+    pos = text.find(needle, lo, hi) if needle else -1
+    while pos != -1:
+        if best is None or abs(pos - origin) < abs(best - origin):
+            best = pos
+        pos = text.find(needle, pos + 1, hi)
+    return best
+
+
+def result_route(item: dict[str, Any], config: LabelConfig) -> str:
+    """``span`` for a span of the config's control, ``other`` for a non-span result (choices, text
+    areas, relations), else why a span result is not ours: ``other_control``, ``other_object``, or
+    ``unsupported_type`` (``hypertextlabels`` and the like, whose offsets are not into plain text)."""
+    kind = item.get("type")
+    if not (isinstance(kind, str) and kind.endswith("labels")):
+        return "other"
+    if item.get("from_name") != config.from_name:
+        return "other_control"
+    if item.get("to_name") != config.to_name:
+        return "other_object"
+    return "span" if kind == "labels" else "unsupported_type"
+
+
+def results_of(annotation: dict[str, Any], task_id: Any, where: str) -> list[Any]:
+    """An annotation's result list (null or missing: none)."""
+    results = annotation.get("result")
+    if results is None:
+        return []
+    if not isinstance(results, list):
+        raise TaskError(f"expected a list of results, got {json_kind(results)}", task_id=task_id,
+                        field=f"{where}.result")
+    return results
+
+
+def list_unmatched(reason: str, item: dict[str, Any], task_id: Any, annotation_id: Any,
+                   report: ConvertReport) -> None:
+    """List a span result that is not for the config's control and text, with what it names."""
+    value = item.get("value") if isinstance(item.get("value"), dict) else {}
+    labels = value.get("labels")
+    report.counts[f"spans_dropped:{reason}"] += 1
+    report.spans.append({
+        "task_id": task_id, "annotation_id": annotation_id, "start": value.get("start"),
+        "end": value.get("end"), "text": value.get("text"),
+        "label": "|".join(map(str, labels)) if isinstance(labels, list) else labels,
+        "action": "dropped", "reason": reason, "type": item.get("type"),
+        "from_name": item.get("from_name"), "to_name": item.get("to_name"),
+    })
+
+
+def read_value(item: dict[str, Any], text: str, task_id: Any, where: str) -> tuple[int, int, list, str | None]:
+    """``(start, end, labels, value.text)`` of a span result, checked against the text."""
+    value = item.get("value")
+    if not isinstance(value, dict):
+        raise TaskError(f"expected a 'value' object, got {json_kind(value)}", task_id=task_id, field=where)
+    start, end = value.get("start"), value.get("end")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+        raise TaskError(f"start/end must be integers, got {start!r}/{end!r}", task_id=task_id,
+                        field=f"{where}.value")
+    if start < 0 or end <= start:
+        raise TaskError(f"offsets {start}..{end} are negative or reversed", task_id=task_id,
+                        field=f"{where}.value")
+    if end > len(text) and end > _utf16_len(text):
+        raise TaskError(f"offsets {start}..{end} lie outside the text (length {len(text)})",
+                        task_id=task_id, field=f"{where}.value")
+    value_text, labels = value.get("text"), value.get("labels")
+    if value_text is not None and not isinstance(value_text, str):
+        raise TaskError(f"expected a string, got {json_kind(value_text)}", task_id=task_id,
+                        field=f"{where}.value.text")
+    if labels is not None and not isinstance(labels, list):
+        raise TaskError(f"expected a list of label names, got {json_kind(labels)}", task_id=task_id,
+                        field=f"{where}.value.labels")
+    return start, end, labels or [], value_text
 
 
 def extract_spans(task: dict[str, Any], annotation: dict[str, Any], text: str, config: LabelConfig,
                   unknown_label: str, report: ConvertReport) -> list[Span]:
-    task_id = task.get("id")
-    results = annotation.get("result") or []
+    task_id, annotation_id = task.get("id"), annotation.get("id")
+    where = f"annotations[id={annotation_id}]"
     spans = []
-    for j, item in enumerate(results):
-        where = f"annotations[id={annotation.get('id')}].result[{j}]"
-        if item.get("type") != "labels" or item.get("from_name") != config.from_name:
+    for j, item in enumerate(results_of(annotation, task_id, where)):
+        if not isinstance(item, dict):
+            raise TaskError(f"expected a result object, got {json_kind(item)}", task_id=task_id,
+                            field=f"{where}.result[{j}]")
+        route = result_route(item, config)
+        if route == "other":
             report.counts[f"results_ignored:{item.get('type', 'unknown')}"] += 1
             continue
-        value = item.get("value")
-        if not isinstance(value, dict):
-            raise ConversionError("missing 'value'", task_id=task_id, field=where)
-        start, end = value.get("start"), value.get("end")
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
-            raise ConversionError(f"start/end must be integers, got {start!r}/{end!r}", task_id=task_id,
-                                  field=f"{where}.value")
-        if start < 0 or end <= start:
-            raise ConversionError(f"offsets {start}..{end} are negative or reversed", task_id=task_id,
-                                  field=f"{where}.value")
-        if end > len(text) and end > _utf16_len(text):
-            raise ConversionError(f"offsets {start}..{end} lie outside the text (length {len(text)})",
-                                  task_id=task_id, field=f"{where}.value")
-        labels = value.get("labels") or []
+        if route != "span":
+            list_unmatched(route, item, task_id, annotation_id, report)
+            continue
+        start, end, labels, value_text = read_value(item, text, task_id, f"{where}.result[{j}]")
         if len(labels) != 1:
-            span = Span(start, end, "|".join(map(str, labels)), annotation.get("id"))
+            span = Span(start, end, "|".join(map(str, labels)), annotation_id)
             report.record("not_one_label", "dropped", task_id, span, text[start:end])
             continue
         label = labels[0]
         if label not in config.labels:
             if unknown_label == "ignore":
-                report.record("unknown_label", "dropped", task_id, Span(start, end, label, annotation.get("id")),
+                report.record("unknown_label", "dropped", task_id, Span(start, end, label, annotation_id),
                               text[start:end])
                 continue
             raise ConversionError(f"label {label!r} is not in the label config {list(config.labels)}",
-                                  task_id=task_id, field=f"{where}.value.labels")
-        span = anchor_span(text, Span(start, end, label, annotation.get("id")), value.get("text"), task_id, report)
-        if span is None:
-            continue
-        raw = text[span.start:span.end]
-        stripped = raw.strip()
-        if not stripped:
-            report.record("whitespace_only", "dropped", task_id, span, raw)
-            continue
-        if stripped != raw:
-            new_start = span.start + (len(raw) - len(raw.lstrip()))
-            trimmed = Span(new_start, new_start + len(stripped), label, span.annotation_id)
-            report.record("trimmed_whitespace", "changed", task_id, span, raw,
-                          new_start=trimmed.start, new_end=trimmed.end)
-            span = trimmed
-        spans.append(span)
+                                  task_id=task_id, field=f"{where}.result[{j}].value.labels")
+        report.counts["spans_matching_config"] += 1
+        span = anchor_span(text, Span(start, end, label, annotation_id), value_text, task_id, report)
+        if span is not None:
+            span = trim_whitespace(text, span, task_id, report)
+        if span is not None:
+            spans.append(span)
     return spans
+
+
+def trim_whitespace(text: str, span: Span, task_id: Any, report: ConvertReport) -> Span | None:
+    """The span without whitespace at its edges (listed), or None (listed) if nothing else is left."""
+    raw = text[span.start:span.end]
+    stripped = raw.strip()
+    if not stripped:
+        report.record("whitespace_only", "dropped", task_id, span, raw)
+        return None
+    if stripped == raw:
+        return span
+    new_start = span.start + (len(raw) - len(raw.lstrip()))
+    trimmed = Span(new_start, new_start + len(stripped), span.label, span.annotation_id)
+    report.record("trimmed_whitespace", "changed", task_id, span, raw, new_start=trimmed.start, new_end=trimmed.end)
+    return trimmed
 
 
 def resolve_overlaps(spans: list[Span], policy: str, task_id: Any, text: str, report: ConvertReport) -> list[Span]:
@@ -269,12 +444,12 @@ class TaskConverter:
     """Converts tasks one at a time, so an export of any size streams through.
 
     Holds the policies, the report, and what is needed to spot duplicate
-    texts (hashes only, to keep memory flat).
+    texts and ids (hashes only, to keep memory flat).
     """
 
     def __init__(self, config: LabelConfig, *, scheme: str = "BIO", overlap: str = "longest",
                  annotations: str = "ground_truth_or_latest", unknown_label: str = "error",
-                 split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
+                 bad_tasks: str = "skip", split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
         if scheme not in SCHEMES:
             raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
         if split_key not in ("text", "task_id"):
@@ -283,11 +458,14 @@ class TaskConverter:
         if overlap not in ("longest", "error"):
             raise ConversionError(f"unknown overlap policy {overlap!r}; use 'longest' or 'error'",
                                   field="convert.overlap")
-        if unknown_label not in ("error", "ignore"):
-            raise ConversionError(f"unknown policy {unknown_label!r}; use 'error' or 'ignore'",
-                                  field="convert.unknown_label")
+        for key, value in (("unknown_label", unknown_label), ("bad_tasks", bad_tasks)):
+            choices = ("error", "ignore") if key == "unknown_label" else ("skip", "error")
+            if value not in choices:
+                raise ConversionError(f"unknown policy {value!r}; use {' or '.join(map(repr, choices))}",
+                                      field=f"convert.{key}")
         self.config = config
         self.scheme, self.overlap, self.annotations, self.unknown_label = scheme, overlap, annotations, unknown_label
+        self.bad_tasks = bad_tasks
         self.split_key, self.dev, self.test = split_key, dev, test
         self.report = ConvertReport()
         # (task id, text digest, tags hash) per converted task, in export order: duplicates are
@@ -295,14 +473,22 @@ class TaskConverter:
         self.records: list[tuple[Any, bytes, int]] = []
 
     def convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
-        """``(split, sentence)`` for a task with a usable annotation, else None (counted)."""
+        """``(split, sentence)`` for a task with a usable annotation, else None (counted, or listed if skipped)."""
         report = self.report
         report.counts["tasks"] += 1
-        if not isinstance(task, dict):
-            raise ConversionError(f"item {report.counts['tasks']} of the export is not a task object")
-        task_id = task.get("id")
-        if task_id is None:
-            raise ConversionError(f"item {report.counts['tasks']} of the export has no task id", field="id")
+        check_task_id(task, report.counts["tasks"])
+        counts, listed = dict(report.counts), len(report.spans)  # dict(): a tenth of Counter.copy()'s time
+        try:
+            return self._convert(task)
+        except TaskError as exc:
+            if self.bad_tasks == "error":
+                raise
+            report.counts, report.spans[listed:] = Counter(counts), []  # forget what its first spans recorded
+            report.skip(exc)
+            return None
+
+    def _convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
+        report, task_id = self.report, task["id"]
         text = task_text(task, self.config.data_key)
         chosen = choose_annotations(task, self.annotations, report)
         if not chosen:
@@ -322,15 +508,42 @@ class TaskConverter:
         return name, sentence
 
     def finish(self) -> ConvertReport:
-        return finish_report(self.report, self.records)
+        return finish_report(self.report, self.records, self.config)
 
 
-def finish_report(report: ConvertReport, records: Iterable[tuple[Any, bytes, int]]) -> ConvertReport:
-    """Close a conversion (one pass or merged ranges): refuse an empty export, then find duplicates."""
-    if report.counts["tasks"] == 0:
-        raise ConversionError("the export holds no tasks")
+def finish_report(report: ConvertReport, records: Iterable[tuple[Any, bytes, int]],
+                  config: LabelConfig) -> ConvertReport:
+    """Close a conversion (one pass or merged ranges): refuse an unusable export, then find duplicates."""
+    check_usable(report, config)
     report_duplicates(records, report)
     return report
+
+
+def check_usable(report: ConvertReport, config: LabelConfig) -> None:
+    """Stop on an export that would train a model on nothing: no tasks, no task converted while
+    some were skipped as broken, or span results none of which is for the config's control, text
+    and labels."""
+    counts = report.counts
+    if counts["tasks"] == 0:
+        raise ConversionError("the export holds no tasks")
+    if report.skipped and not sum(report.splits.values()):
+        raise ConversionError(f"no task could be converted: {len(report.skipped)} skipped as broken, the first "
+                              f"{report.skipped[0]['error']}")
+    unmatched = sum(counts[f"spans_dropped:{reason}"] for reason in _UNMATCHED)
+    if unmatched and not counts["spans_matching_config"]:
+        raise ConversionError(f"none of the {unmatched} span results matches the label config (<Labels name="
+                              f"{config.from_name!r} toName={config.to_name!r}> with labels {list(config.labels)}): "
+                              f"{_what_they_name(report)}. Was the control renamed? Convert with the project's "
+                              "current label config (python -m pipeline pull), or fix the config")
+
+
+def _what_they_name(report: ConvertReport) -> str:
+    named = Counter((s.get("from_name"), s.get("to_name"), s.get("type")) for s in report.spans
+                    if s.get("reason") in _UNMATCHED[:3])
+    if not named:
+        return "every label is one the config does not define (convert.unknown_label: ignore dropped them all)"
+    return "they name " + "; ".join(f"from_name={f!r} to_name={t!r} type={k!r} ({n})"
+                                    for (f, t, k), n in named.most_common(3))
 
 
 def write_labels(conll_dir: Path, config: LabelConfig, scheme: str) -> None:
@@ -340,9 +553,18 @@ def write_labels(conll_dir: Path, config: LabelConfig, scheme: str) -> None:
 
 
 def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: ConvertReport) -> None:
-    """Count repeated texts, and list those whose labels differ from the first occurrence."""
+    """Count repeated texts and ids; list texts whose labels differ from the first occurrence, and
+    every repeated task id (the CoNLL files would hold two sentences under one id)."""
     first: dict[bytes, tuple[Any, int]] = {}
+    texts_by_id: dict[str, tuple[Any, bytes]] = {}
     for task_id, digest, tags_hash in records:
+        earlier = texts_by_id.setdefault(str(task_id), (task_id, digest))
+        if earlier[1] is not digest:
+            same = earlier[1] == digest
+            report.counts["tasks_duplicate_id"] += 1
+            report.spans.append({"task_id": task_id, "action": "reported",
+                                 "reason": "duplicate_id" if same else "duplicate_id_different_text",
+                                 "duplicate_of": earlier[0]})
         seen = first.get(digest)
         if seen is None:
             first[digest] = (task_id, tags_hash)
@@ -366,13 +588,21 @@ def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig,
     return splits, converter.finish()
 
 
-def log_summary(report: ConvertReport) -> None:
-    rows = [("tasks", report.counts["tasks"]), ("unlabeled (left for predict)", report.counts["tasks_unlabeled"])]
+def log_summary(report: ConvertReport, report_path: str | Path | None = None) -> None:
+    rows = [("tasks", report.counts["tasks"]), ("unlabeled (left for predict)", report.counts["tasks_unlabeled"]),
+            ("skipped as broken", report.counts["tasks_skipped"])]
     rows += [(f"split {k}", v) for k, v in report.splits.items()]
     rows += [(k, v) for k, v in sorted(report.counts.items()) if k.startswith(("spans_", "annotations_", "results_"))]
     rows += [(f"label {k}", v) for k, v in sorted(report.labels.items())]
     width = max(len(k) for k, _ in rows)
     log.info("conversion summary\n%s", "\n".join(f"  {k:<{width}}  {v:>7}" for k, v in rows))
+    for entry in report.skipped[:SHOWN_SKIPPED]:
+        log.warning("skipped %s", entry["error"])
+    if report.skipped:
+        more = len(report.skipped) - SHOWN_SKIPPED
+        log.warning("%s%d broken tasks skipped; all are listed under skipped_tasks in %s (convert.bad_tasks: error "
+                    "stops at the first)", f"{more} more, " if more > 0 else "", len(report.skipped),
+                    report_path or "the report")
 
 
 PARALLEL_MIN_BYTES = 8 << 20  # below this, starting processes costs more than it saves
@@ -397,8 +627,8 @@ def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str |
         if report is None:
             report = _convert_stream(tasks if tasks is not None else iter_export(export_path), config, options, out)
         write_labels(out, config, scheme)
-    write_json(report_path, report.to_dict())
-    log_summary(report)
+    write_report(report_path, report)
+    log_summary(report, report_path)
     return report
 
 
@@ -456,10 +686,7 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str
     report = ConvertReport()
     records: list = []
     for part_report, part_records in results:
-        report.counts.update(part_report.counts)
-        report.labels.update(part_report.labels)
-        report.splits.update(part_report.splits)
-        report.spans.extend(part_report.spans)
+        report.merge(part_report)
         records.extend(part_records)
     for name in SPLITS:
         with (out / f"{name}.conll").open("wb") as target:
@@ -468,7 +695,7 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str
                 with part.open("rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
                 part.unlink()
-    finish_report(report, records)
+    finish_report(report, records, config)
     log.info("converted %d tasks in %d parallel ranges", report.counts["tasks"], len(ranges))
     return report
 
@@ -478,7 +705,8 @@ def main(params: dict[str, Any], engine: str | None = None, project: int | None 
     paths, conf = params["paths"], params["convert"]
     engine = engine or conf.get("engine", "exact")
     options = dict(scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
-                   unknown_label=conf["unknown_label"], split_key=conf["split"]["key"],
+                   unknown_label=conf["unknown_label"], bad_tasks=conf.get("bad_tasks", "skip"),
+                   split_key=conf["split"]["key"],
                    dev=conf["split"]["dev"], test=conf["split"]["test"])
     if engine == "exact":
         options["workers"] = conf.get("workers", 0)

@@ -1,4 +1,5 @@
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from pipeline.conll import read_conll, write_conll
 from pipeline.convert import convert_tasks, run, split_of
-from pipeline.errors import ConversionError
+from pipeline.errors import ConversionError, TaskError
 from pipeline.labelconfig import parse_label_config
 from pipeline.tags import tags_to_spans
 from pipeline.words import split_words
@@ -138,7 +139,7 @@ def test_unknown_label_is_an_error_naming_the_task_or_ignored_with_a_count():
     t = task(42, "Paris", region(0, 5, "CITY", "Paris"))
     with pytest.raises(ConversionError, match=r"task 42.*'CITY'"):
         convert_tasks([t], CONFIG)
-    _, report = convert_tasks([t], CONFIG, unknown_label="ignore")
+    _, report = convert_tasks([t, task(43, "Obama", region(0, 5, "PER", "Obama"))], CONFIG, unknown_label="ignore")
     assert report.counts["spans_dropped:unknown_label"] == 1
 
 
@@ -304,5 +305,166 @@ def test_bad_task_in_a_parallel_run_reports_like_one_pass(tmp_path):
     tasks[1500]["annotations"][0]["result"][0]["value"]["end"] = -3
     export, config = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))
     with pytest.raises(ConversionError, match=r"task 1501, field .*negative or reversed"):
-        run(export, config, tmp_path / "out", tmp_path / "r.json", workers=2, parallel_min_bytes=0)
+        run(export, config, tmp_path / "out", tmp_path / "r.json", workers=2, parallel_min_bytes=0,
+            bad_tasks="error")
     assert not (tmp_path / "out").exists()
+    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1)
+    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=2, parallel_min_bytes=0)
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert json.loads((tmp_path / "many.json").read_text()) == one
+    assert [(t["task_id"], t["field"]) for t in one["skipped_tasks"]] == [
+        (1501, "annotations[id=15010].result[0].value")]
+    assert (tmp_path / "many" / "train.conll").read_bytes() == (tmp_path / "one" / "train.conll").read_bytes()
+
+
+# --- broken tasks: skipped and listed (convert.bad_tasks: skip), or the first one stops (error) ---
+
+def broken(task_id, case):
+    """A task broken in one of the ways real exports (or hand edits of them) are."""
+    t = task(task_id, "Paris is nice", region(0, 5, "LOC", "Paris"))
+    ann = t["annotations"][0]
+    if case == "annotation_null":
+        t["annotations"] = [None]
+    elif case == "result_object":
+        ann["result"] = {}
+    elif case == "result_null_item":
+        ann["result"] = [None]
+    elif case == "value_text_number":
+        ann["result"][0]["value"]["text"] = 12345
+    elif case == "lone_surrogate":
+        t["data"]["text"] = "Paris \ud800 nice"
+    elif case == "value_null":
+        ann["result"][0]["value"] = None
+    elif case == "labels_string":
+        ann["result"][0]["value"]["labels"] = "LOC"
+    elif case == "reversed_offsets":
+        ann["result"][0]["value"].update(start=5, end=0)
+    return t
+
+
+BROKEN = {
+    "annotation_null": ("annotations[0]", "expected an annotation object, got null"),
+    "result_object": ("annotations[id=20].result", "expected a list of results, got an object"),
+    "result_null_item": ("annotations[id=20].result[0]", "expected a result object, got null"),
+    "value_text_number": ("annotations[id=20].result[0].value.text", "expected a string, got a number"),
+    "lone_surrogate": ("data.text", r"lone surrogate \(\\ud800\) at index 6"),
+    "value_null": ("annotations[id=20].result[0]", "expected a 'value' object, got null"),
+    "labels_string": ("annotations[id=20].result[0].value.labels", "expected a list of label names"),
+    "reversed_offsets": ("annotations[id=20].result[0].value", "negative or reversed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_task_is_skipped_and_listed_with_its_field(case):
+    field, message = BROKEN[case]
+    splits, report = convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG)
+    assert [s.task_id for group in splits.values() for s in group] == ["1"]
+    [skipped] = report.skipped
+    assert (skipped["task_id"], skipped["field"]) == (2, field)
+    assert re.search(message, skipped["error"]) and skipped["error"].startswith(f"task 2, field '{field}': ")
+    assert report.counts["tasks_skipped"] == 1
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_bad_tasks_error_stops_at_the_first_naming_task_and_field(case):
+    field, message = BROKEN[case]
+    with pytest.raises(TaskError, match=rf"^task 2, field '{re.escape(field)}': .*{message}"):
+        convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG, bad_tasks="error")
+
+
+def test_a_skipped_task_leaves_nothing_of_itself_in_the_counts_or_span_list():
+    # the first span is trimmed (a listed change), then the second turns out broken
+    t = task(2, "met  Obama  today", region(3, 12, "PER", "  Obama  "), region(0, 3, "PER", 12345))
+    splits, report = convert_tasks([task(1, "Paris", region(0, 5, "LOC", "Paris")), t], CONFIG)
+    assert report.spans == [] and report.counts["spans_changed:trimmed_whitespace"] == 0
+    assert report.counts["spans_matching_config"] == 1 and report.counts["annotations_used"] == 1
+    assert [s["task_id"] for s in report.skipped] == [2]
+
+
+def test_only_broken_tasks_stop_the_conversion_naming_the_first():
+    with pytest.raises(ConversionError, match=r"no task could be converted: 2 skipped as broken, the first task 2, "
+                                              r"field 'annotations\[0\]'"):
+        convert_tasks([broken(2, "annotation_null"), broken(3, "result_object")], CONFIG)
+
+
+@pytest.mark.parametrize("item,message", [
+    ([1, 2], r"item 1 of the export is a list, not a task object"),
+    ({"id": True, "data": {"text": "x"}}, r"item 1 of the export has task id True"),
+    ({"id": "7\n# task_id = 8", "data": {"text": "x"}}, r"item 1 of the export has task id '7\\n# task_id = 8'"),
+    ({"id": 1.5, "data": {"text": "x"}}, r"item 1 of the export has task id 1\.5"),
+])
+def test_an_item_that_is_not_a_task_with_a_usable_id_stops_even_when_skipping(item, message):
+    with pytest.raises(ConversionError, match=message):
+        convert_tasks([item], CONFIG)
+
+
+def test_a_report_holding_a_lone_surrogate_from_the_export_is_still_written(tmp_path):
+    export, config = write_export(tmp_path, "[]")
+    t = task(1, "Paris", region(0, 5, "LOC", "Paris"), region(0, 5, "LOC", "Pa\ud800"))  # its value.text
+    t["annotations"][0]["result"][1]["value"]["labels"] = ["CITY\udfff"]
+    run(export, config, tmp_path / "conll", tmp_path / "r.json", tasks=[t], unknown_label="ignore")
+    [dropped] = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["spans"]
+    assert dropped["label"] == "CITY\udfff" and dropped["reason"] == "unknown_label"
+
+
+# --- silent losses: spans of another control or object, renamed controls, repeated task ids ---
+
+def test_spans_of_another_control_or_object_are_listed_with_their_task():
+    other_control = dict(region(6, 11, "PER", "Obama"), from_name="ner")
+    other_object = dict(region(6, 11, "PER", "Obama"), to_name="title")
+    _, report = convert_tasks([task(1, "Paris Obama", region(0, 5, "LOC", "Paris"), other_control),
+                               task(2, "Paris Obama", region(0, 5, "LOC", "Paris"), other_object)], CONFIG)
+    listed = [(s["task_id"], s["reason"], s["from_name"], s["to_name"], s["start"], s["label"]) for s in report.spans]
+    assert listed == [(1, "other_control", "ner", "text", 6, "PER"), (2, "other_object", "label", "title", 6, "PER")]
+    assert report.counts["spans_dropped:other_control"] == 1 and report.counts["spans_dropped:other_object"] == 1
+
+
+def test_an_export_whose_control_was_renamed_stops_instead_of_training_on_all_o():
+    tasks = [task(i, "Paris Obama", dict(region(0, 5, "LOC", "Paris"), from_name="ner")) for i in range(1, 4)]
+    with pytest.raises(ConversionError, match=r"none of the 3 span results matches the label config "
+                                              r"\(<Labels name='label' toName='text'>.*from_name='ner' to_name='text' "
+                                              r"type='labels' \(3\)"):
+        convert_tasks(tasks, CONFIG)
+
+
+def test_all_labels_unknown_under_ignore_stops_too():
+    with pytest.raises(ConversionError, match="every label is one the config does not define"):
+        convert_tasks([task(1, "Paris", region(0, 5, "CITY", "Paris"))], CONFIG, unknown_label="ignore")
+
+
+def test_repeated_task_ids_are_listed_saying_whether_the_text_differs():
+    tasks = [task(1, "Paris", region(0, 5, "LOC", "Paris")), task(1, "Obama", region(0, 5, "PER", "Obama")),
+             task(1, "Paris", region(0, 5, "LOC", "Paris"))]
+    tasks[1]["id"] = "1"  # the same id to the CoNLL files, which write "# task_id = 1"
+    _, report = convert_tasks(tasks, CONFIG)
+    listed = [(s["reason"], s["duplicate_of"]) for s in report.spans]
+    assert listed == [("duplicate_id_different_text", 1), ("duplicate_id", 1)]
+    assert report.counts["tasks_duplicate_id"] == 2
+
+
+# --- value.text that disagrees with text[start:end] in a known way: the offsets are right, kept ---
+
+@pytest.mark.parametrize("text,start,end,value_text,quirk", [
+    ("Text: Berlin,  Germany.", 6, 22, "Berlin, Germany", "whitespace_normalised"),     # label-studio#3078
+    ("4   cm long", 0, 6, "4 cm", "whitespace_normalised"),                            # #5338
+    ("Line one\r\nLondon Bridge", 5, 16, "one\nLondon", "whitespace_normalised"),     # CR LF as LF
+    ("visit New\nYork soon", 6, 14, "NewYork", "line_breaks_removed"),                 # #1863
+    ("shares of AT&T rose", 10, 14, "AT&amp;T", "html_escaped"),                      # #4929
+    ("Some simple text with", 5, 16, "ple tex", "word_granularity"),                  # #1931
+    ("Paris is nice", 0, 5, None, "no_value_text"),                                   # #6027
+])
+def test_known_value_text_disagreements_keep_the_offsets_and_are_counted(text, start, end, value_text, quirk):
+    r = region(start, end, "LOC", value_text)
+    if value_text is None:
+        del r["value"]["text"]
+    splits, report = convert_tasks([task(1, text, r)], CONFIG)
+    assert entities(only_sentence(splits)) == [(text[start:end].strip(), "LOC")]
+    assert report.counts[f"spans_accepted:{quirk}"] == 1
+    assert [s["reason"] for s in report.spans] in ([], ["trimmed_whitespace"])
+
+
+def test_a_value_text_that_only_looks_like_a_quirk_is_still_moved_or_dropped():
+    # "Obama" inside "Obamas" would be word granularity only if the offsets covered "Obamas"; here they cover "met"
+    splits, report = convert_tasks([task(1, "met Obamas", region(0, 3, "PER", "Obama"))], CONFIG)
+    assert [s["reason"] for s in report.spans] == ["shifted"]
+    assert report.counts["spans_accepted:word_granularity"] == 0
