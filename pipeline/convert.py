@@ -47,7 +47,8 @@ SPLITS = ("train", "dev", "test")
 NEARBY_CHARS = 32
 SHOWN_SKIPPED = 10  # skipped tasks named in the log; the report lists all of them
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_UNMATCHED = ("other_control", "other_object", "unsupported_type", "unknown_label")
+_OTHER_TARGET = ("other_control", "other_object", "unsupported_type")  # span results not for our control/text
+_UNMATCHED = _OTHER_TARGET + ("unknown_label",)
 
 
 @dataclass(frozen=True)
@@ -539,7 +540,7 @@ def check_usable(report: ConvertReport, config: LabelConfig) -> None:
 
 def _what_they_name(report: ConvertReport) -> str:
     named = Counter((s.get("from_name"), s.get("to_name"), s.get("type")) for s in report.spans
-                    if s.get("reason") in _UNMATCHED[:3])
+                    if s.get("reason") in _OTHER_TARGET)
     if not named:
         return "every label is one the config does not define (convert.unknown_label: ignore dropped them all)"
     return "they name " + "; ".join(f"from_name={f!r} to_name={t!r} type={k!r} ({n})"
@@ -558,12 +559,13 @@ def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: Convert
     first: dict[bytes, tuple[Any, int]] = {}
     texts_by_id: dict[str, tuple[Any, bytes]] = {}
     for task_id, digest, tags_hash in records:
-        earlier = texts_by_id.setdefault(str(task_id), (task_id, digest))
-        if earlier[1] is not digest:
-            same = earlier[1] == digest
+        earlier = texts_by_id.get(str(task_id))
+        if earlier is None:
+            texts_by_id[str(task_id)] = (task_id, digest)
+        else:
             report.counts["tasks_duplicate_id"] += 1
             report.spans.append({"task_id": task_id, "action": "reported",
-                                 "reason": "duplicate_id" if same else "duplicate_id_different_text",
+                                 "reason": "duplicate_id" if earlier[1] == digest else "duplicate_id_different_text",
                                  "duplicate_of": earlier[0]})
         seen = first.get(digest)
         if seen is None:

@@ -180,19 +180,7 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
                     if here != stop:
                         raise RangeMismatch(f"no item starts at byte {stop}")
                     return
-            while True:
-                try:
-                    item, end = decoder.raw_decode(buf.text, buf.pos)
-                    if end < len(buf.text) or buf.eof or not buf.fill():
-                        break  # a number cut at the buffer's end would decode short: decode again
-                    continue
-                except json.JSONDecodeError as exc:
-                    if len(buf.text) - buf.pos > max_item_chars or not buf.fill():
-                        raise buf.error(exc.msg, exc.pos) from None
-                except RecursionError:
-                    raise buf.error("it nests lists or objects too deeply to decode (a Label Studio task "
-                                    "nests a few levels)", problem="an item that is not a task") from None
-            buf.pos = end
+            item, buf.pos = _decode_item(buf, decoder, max_item_chars)
             state = "after_item"
             yield item
         if stop is not None:
@@ -201,6 +189,21 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
             raise buf.error("unexpected data after the end of the list")
     finally:
         buf.fh.close()
+
+
+def _decode_item(buf: _Buffer, decoder: json.JSONDecoder, max_item_chars: int) -> tuple[Any, int]:
+    """The item starting at ``buf.pos`` and where it ends, reading more of the file as needed."""
+    while True:
+        try:
+            item, end = decoder.raw_decode(buf.text, buf.pos)
+            if end < len(buf.text) or buf.eof or not buf.fill():
+                return item, end  # a number cut at the buffer's end would decode short: decode again
+        except json.JSONDecodeError as exc:
+            if len(buf.text) - buf.pos > max_item_chars or not buf.fill():
+                raise buf.error(exc.msg, exc.pos) from None
+        except RecursionError:
+            raise buf.error("it nests lists or objects too deeply to decode (a Label Studio task nests a few "
+                            "levels)", problem="an item that is not a task") from None
 
 
 def first_item_start(path: str | Path) -> int | None:

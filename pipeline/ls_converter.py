@@ -11,6 +11,7 @@ sentences. Nothing is reported.
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections import Counter
 from contextlib import ExitStack
@@ -56,7 +57,7 @@ def check_plain_json(path: Path) -> None:
     if not path.is_file():
         raise ConversionError(f"{path}: export file not found")
     with open_export(path) as fh:
-        if hasattr(fh, "fileobj"):  # a GzipFile
+        if isinstance(fh, gzip.GzipFile):
             raise FileEncodingError(f"{path}: is gzip-compressed; the ls-converter engine reads plain JSON "
                                     "only: decompress it (gunzip) or use the exact engine")
     for _ in iter_json_array(path):
