@@ -9,37 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
-import os
 import sys
-from pathlib import Path
 
-#: Imported by every stage; if the interpreter lacks them, it is not the project's environment.
-_STAGE_PACKAGES = ("yaml", "tqdm", "numpy", "tokenizers", "onnxruntime", "torch", "dvclive")
-
-
-def ensure_project_interpreter(argv: list[str]) -> None:
-    """Re-run under the project's ``.venv`` when DVC started the stage with another ``python`` from PATH.
-
-    DVC runs each stage's ``cmd`` with whatever ``python`` the shell finds, so ``.venv/bin/dvc repro`` from a
-    shell without the virtualenv on PATH would reach the system interpreter. Nothing changes when the
-    interpreter has the packages (an activated venv, conda, a container).
-    """
-    missing = [name for name in _STAGE_PACKAGES if importlib.util.find_spec(name) is None]
-    if not missing:
-        return
-    venv = Path(__file__).resolve().parents[1] / ".venv"
-    python = venv / "bin" / "python"
-    if python.is_file() and Path(sys.prefix).resolve() != venv.resolve():
-        os.execv(python, [str(python), "-m", "pipeline", *argv])
-    sys.stderr.write(f"pipeline: {sys.executable} lacks the project's packages ({', '.join(missing)}); run "
-                     "`make setup` and use .venv/bin/python, or activate the environment you installed into\n")
-    sys.exit(2)
-
+from pipeline.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
 
 if __name__ == "__main__":
-    ensure_project_interpreter(sys.argv[1:])
+    ensure_project_interpreter()
 
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.params import load_params  # noqa: E402

@@ -11,7 +11,8 @@ no usable id) stops the conversion, as does an export where no span result
 matches the label config. A task whose own content is broken (``TaskError``:
 a null annotation, a result that is not a list, offsets outside its text, a
 ``value.text`` that is not a string, a lone surrogate in its text) is left
-out and listed (``convert.bad_tasks: skip``), or stops it (``error``).
+stops it in one line naming the task and field (``convert.bad_tasks: error``,
+the default), or is left out and listed in the report (``skip``).
 """
 
 from __future__ import annotations
@@ -450,7 +451,7 @@ class TaskConverter:
 
     def __init__(self, config: LabelConfig, *, scheme: str = "BIO", overlap: str = "longest",
                  annotations: str = "ground_truth_or_latest", unknown_label: str = "error",
-                 bad_tasks: str = "skip", split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
+                 bad_tasks: str = "error", split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
         if scheme not in SCHEMES:
             raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
         if split_key not in ("text", "task_id"):
@@ -707,7 +708,7 @@ def main(params: dict[str, Any], engine: str | None = None, project: int | None 
     paths, conf = params["paths"], params["convert"]
     engine = engine or conf.get("engine", "exact")
     options = dict(scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
-                   unknown_label=conf["unknown_label"], bad_tasks=conf.get("bad_tasks", "skip"),
+                   unknown_label=conf["unknown_label"], bad_tasks=conf["bad_tasks"],
                    split_key=conf["split"]["key"],
                    dev=conf["split"]["dev"], test=conf["split"]["test"])
     if engine == "exact":

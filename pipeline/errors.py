@@ -37,8 +37,8 @@ class ConversionError(PipelineError):
 class TaskError(ConversionError):
     """One task whose content is broken (a null annotation, offsets outside its text, ...).
 
-    ``convert.bad_tasks: skip`` (the default) leaves the task out and lists it
-    in the report; ``error`` stops at the first one.
+    ``convert.bad_tasks: error`` (the default) stops at the first one; ``skip``
+    leaves the task out and lists it in the report.
     """
 
 
@@ -56,6 +56,10 @@ class ModelLoadError(PipelineError):
 
 class LabelStudioError(PipelineError):
     """Label Studio could not be reached or refused a request."""
+
+
+class LabelStudioConfigError(LabelStudioError):
+    """The connection settings are wrong (a URL without a scheme, a key the server refuses): retrying cannot help."""
 
 
 class DataError(PipelineError):

@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.atomic import atomic_open
-from pipeline.errors import LabelStudioError
+from pipeline.errors import LabelStudioConfigError, LabelStudioError
 from pipeline.labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class LabelStudioClient:
                  backoff: float = 0.5) -> None:
         from label_studio_sdk import LabelStudio  # imported here: serving does not need the SDK
 
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise LabelStudioConfigError(f"{URL_ENV} {url!r} is not an http:// or https:// URL "
+                                         "(e.g. http://localhost:8080)")
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
@@ -69,6 +74,9 @@ class LabelStudioClient:
         status = getattr(exc, "status_code", None)
         body = getattr(exc, "body", None)
         detail = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
+        if status in (401, 403):
+            return LabelStudioConfigError(f"{what} refused at {self.url} ({detail}): check {KEY_ENV} (a legacy "
+                                          "API token from Account & Settings) and that this user can see it")
         return LabelStudioError(f"{what} failed at {self.url}: {detail}")
 
     def _wait(self, attempt: int) -> None:

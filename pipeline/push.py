@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.errors import LabelConfigMismatch, LabelStudioError, ParamsError, PipelineError
+from pipeline.errors import LabelConfigMismatch, LabelStudioConfigError, LabelStudioError, ParamsError, PipelineError
 from pipeline.labelconfig import LabelConfig
 from pipeline.labelstudio import LabelStudioClient
 
@@ -36,14 +36,17 @@ MODES = ("attach", "import")
 
 @dataclass
 class PushSummary:
+    """What one push did, counted per project task (``matched``) and per prediction sent or not."""
+
     matched: int = 0
     created: int = 0
     skipped_existing: int = 0
+    duplicates: int = 0  # predictions whose task text (or id) came earlier in the same file: sent once per target
     failed: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matched": self.matched, "created": self.created, "skipped_existing": self.skipped_existing,
-                "failed": len(self.failed), "failures": self.failed}
+                "duplicates": self.duplicates, "failed": len(self.failed), "failures": self.failed}
 
 
 class PushRecord:
@@ -130,7 +133,8 @@ def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]]
     else:
         _attach(client, project_id, tasks, key_of, record, summary, batch_size, match)
     log.info("push to project %d: %d tasks matched, %d predictions created, %d skipped as already present, "
-             "%d failed", project_id, summary.matched, summary.created, summary.skipped_existing, len(summary.failed))
+             "%d duplicates of an earlier task in the file, %d failed", project_id, summary.matched,
+             summary.created, summary.skipped_existing, summary.duplicates, len(summary.failed))
     for failure in summary.failed[:10]:
         log.warning("not pushed: task %s: %s", failure["task"], failure["reason"])
     return summary
@@ -138,30 +142,36 @@ def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]]
 
 def _attach(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
             record: PushRecord, summary: PushSummary, batch_size: int, match: str) -> None:
-    targets: dict[str, int] = {}
+    """Each prediction goes to every project task with its key: two tasks with the same text both get it."""
+    targets: dict[str, list[int]] = defaultdict(list)
     for task in client.iter_tasks(project_id):
-        targets.setdefault(key_of(task), int(task["id"]))
+        targets[key_of(task)].append(int(task["id"]))
     existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
+    handled: set[tuple[int, str]] = set()  # (project task, model version) dealt with in this push
     with tqdm(total=len(tasks), desc="push", mininterval=2.0) as bar:
         for lo in range(0, len(tasks), batch_size):
             batch, keys = [], []
             for task in tasks[lo:lo + batch_size]:
                 key = key_of(task)
-                target = targets.get(key)
-                if target is None:
+                if key not in targets:
                     summary.failed.append({"task": task.get("id"),
                                            "reason": f"no task in project {project_id} with the same {match}"})
                     continue
-                summary.matched += 1
                 for pred in task.get("predictions", []):
                     version = pred["model_version"]
-                    if (key, version) in record.done or (target, version) in existing:
-                        summary.skipped_existing += 1
+                    fresh = [t for t in targets[key] if (t, version) not in handled]
+                    if not fresh:
+                        summary.duplicates += 1
                         continue
-                    batch.append({"task": target, "result": pred["result"], "score": pred.get("score"),
-                                  "model_version": version})
-                    keys.append((key, version))
-                    existing.add((target, version))
+                    for target in fresh:
+                        handled.add((target, version))
+                        summary.matched += 1
+                        if (f"{key}@{target}", version) in record.done or (target, version) in existing:
+                            summary.skipped_existing += 1
+                            continue
+                        batch.append({"task": target, "result": pred["result"], "score": pred.get("score"),
+                                      "model_version": version})
+                        keys.append((f"{key}@{target}", version))
             if batch:
                 client.import_predictions(project_id, batch)
                 record.add(keys)
@@ -171,29 +181,43 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: list[dict[str, An
 
 def _import(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
             record: PushRecord, summary: PushSummary, batch_size: int) -> None:
-    present = {key_of(t) for t in client.iter_tasks(project_id)}
+    """Create the file's tasks with their predictions; the n-th task of a text exists once the project has n."""
+    present = Counter(key_of(t) for t in client.iter_tasks(project_id))
+    seen: Counter = Counter()
     with tqdm(total=len(tasks), desc="import", mininterval=2.0) as bar:
         for lo in range(0, len(tasks), batch_size):
             batch = tasks[lo:lo + batch_size]
             bar.update(len(batch))
-            todo = [t for t in batch if key_of(t) not in present]
+            todo = []
+            for task in batch:
+                seen[key_of(task)] += 1
+                if seen[key_of(task)] > present[key_of(task)]:
+                    todo.append(task)
             summary.skipped_existing += len(batch) - len(todo)
             if not todo:
                 continue
-            payload = [{"data": t["data"], "predictions": t.get("predictions", [])} for t in todo]
             try:
-                client.import_tasks(project_id, payload)
+                client.import_tasks(project_id, _payload(todo))
             except LabelStudioError:
                 # the import may have arrived before the connection broke: look before sending again
-                present = {key_of(t) for t in client.iter_tasks(project_id)}
-                todo = [t for t in todo if key_of(t) not in present]
-                if todo:
-                    client.import_tasks(project_id, [{"data": t["data"], "predictions": t.get("predictions", [])}
-                                                     for t in todo])
+                now = Counter(key_of(t) for t in client.iter_tasks(project_id))
+                arrived = now - present
+                rest = []
+                for task in todo:
+                    if arrived[key_of(task)] > 0:
+                        arrived[key_of(task)] -= 1
+                    else:
+                        rest.append(task)
+                if rest:
+                    client.import_tasks(project_id, _payload(rest))
             present.update(key_of(t) for t in todo)
             summary.matched += len(todo)
             summary.created += sum(len(t.get("predictions", [])) for t in todo)
             record.add([(key_of(t), p["model_version"]) for t in todo for p in t.get("predictions", [])])
+
+
+def _payload(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"data": t["data"], "predictions": t.get("predictions", [])} for t in tasks]
 
 
 def main(params: dict[str, Any], project: int | None = None) -> None:
@@ -210,6 +234,8 @@ def main(params: dict[str, Any], project: int | None = None) -> None:
         summary = push(client, int(project_id), tasks, match=conf["match"], mode=conf.get("mode", "attach"),
                        label_map=conf.get("label_map") or {}, batch_size=conf.get("batch_size", 100),
                        state_path=paths.get("push_state"))
+    except LabelStudioConfigError:
+        raise  # wrong URL or key: said once, nothing to continue
     except LabelStudioError as exc:
         raise LabelStudioError(f"{exc}. What was sent is on record; run push again to continue.") from None
     if summary.failed:

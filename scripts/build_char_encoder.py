@@ -9,7 +9,7 @@ the BERT basic tokenizer keeps together (digits, Latin letters). With
 ``bert-base-chinese`` on disk, point ``paths.encoder`` at it instead and set
 ``train.pretrained: true``.
 
-    python scripts/build_char_encoder.py --export data/msra/export.json --out models/msra/encoder
+    python -m scripts.build_char_encoder --export data/msra/export.json --out models/msra/encoder
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from transformers import BertConfig, BertTokenizerFast
+from pipeline.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
 
-from pipeline.atomic import atomic_dir
+if __name__ == "__main__":
+    ensure_project_interpreter()
+
+from transformers import BertConfig, BertTokenizerFast  # noqa: E402
+
+from pipeline.atomic import atomic_dir  # noqa: E402
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 log = logging.getLogger("build_char_encoder")

@@ -56,7 +56,7 @@ def project(tmp_path, export: bytes, config: bytes = CONFIG.encode(), bad_tasks:
     (tmp_path / "reports" / "convert.json").write_text("{}\n")
     params = (ROOT / "params.yaml").read_text().replace("data/labelstudio/export.json", "data/export.json")
     params = params.replace("data/labelstudio/label_config.xml", "data/config.xml")
-    (tmp_path / "params.yaml").write_text(params.replace("bad_tasks: skip", f"bad_tasks: {bad_tasks}"))
+    (tmp_path / "params.yaml").write_text(params.replace("bad_tasks: error", f"bad_tasks: {bad_tasks}"))
 
 
 def previous_outputs_untouched(tmp_path):

@@ -308,8 +308,8 @@ def test_bad_task_in_a_parallel_run_reports_like_one_pass(tmp_path):
         run(export, config, tmp_path / "out", tmp_path / "r.json", workers=2, parallel_min_bytes=0,
             bad_tasks="error")
     assert not (tmp_path / "out").exists()
-    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1)
-    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=2, parallel_min_bytes=0)
+    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1, bad_tasks="skip")
+    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=2, parallel_min_bytes=0, bad_tasks="skip")
     one = json.loads((tmp_path / "one.json").read_text())
     assert json.loads((tmp_path / "many.json").read_text()) == one
     assert [(t["task_id"], t["field"]) for t in one["skipped_tasks"]] == [
@@ -357,7 +357,7 @@ BROKEN = {
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_a_broken_task_is_skipped_and_listed_with_its_field(case):
     field, message = BROKEN[case]
-    splits, report = convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG)
+    splits, report = convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG, bad_tasks="skip")
     assert [s.task_id for group in splits.values() for s in group] == ["1"]
     [skipped] = report.skipped
     assert (skipped["task_id"], skipped["field"]) == (2, field)
@@ -375,7 +375,7 @@ def test_bad_tasks_error_stops_at_the_first_naming_task_and_field(case):
 def test_a_skipped_task_leaves_nothing_of_itself_in_the_counts_or_span_list():
     # the first span is trimmed (a listed change), then the second turns out broken
     t = task(2, "met  Obama  today", region(3, 12, "PER", "  Obama  "), region(0, 3, "PER", 12345))
-    splits, report = convert_tasks([task(1, "Paris", region(0, 5, "LOC", "Paris")), t], CONFIG)
+    splits, report = convert_tasks([task(1, "Paris", region(0, 5, "LOC", "Paris")), t], CONFIG, bad_tasks="skip")
     assert report.spans == [] and report.counts["spans_changed:trimmed_whitespace"] == 0
     assert report.counts["spans_matching_config"] == 1 and report.counts["annotations_used"] == 1
     assert [s["task_id"] for s in report.skipped] == [2]
@@ -384,7 +384,7 @@ def test_a_skipped_task_leaves_nothing_of_itself_in_the_counts_or_span_list():
 def test_only_broken_tasks_stop_the_conversion_naming_the_first():
     with pytest.raises(ConversionError, match=r"no task could be converted: 2 skipped as broken, the first task 2, "
                                               r"field 'annotations\[0\]'"):
-        convert_tasks([broken(2, "annotation_null"), broken(3, "result_object")], CONFIG)
+        convert_tasks([broken(2, "annotation_null"), broken(3, "result_object")], CONFIG, bad_tasks="skip")
 
 
 @pytest.mark.parametrize("item,message", [

@@ -211,3 +211,54 @@ def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio,
     per_task = Counter(p["task"] for p in predictions if p["model_version"] == version)
     assert len(per_task) == 3000 and set(per_task.values()) == {1}
     assert label_studio.api_key not in again.stdout + again.stderr + "\n".join(recorded)
+
+
+def test_tasks_with_the_same_text_each_get_their_prediction_in_both_modes(label_studio):
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    tasks = many_tasks(6, "v-dup")
+    tasks[3] = {**tasks[0], "id": 4}  # the file holds one text twice: both tasks are real tasks
+    texts = [t["data"]["text"] for t in tasks]
+
+    project = client.create_project("same text, attach", CONFIG_XML)
+    client.import_tasks(project, [{"data": t["data"]} for t in tasks])
+    summary = push(client, project, tasks, batch_size=2)
+    stored = list(client.iter_tasks(project))
+    assert all(len(t["predictions"]) == 1 for t in stored)
+    assert (summary.matched, summary.created, summary.skipped_existing, summary.duplicates) == (6, 6, 0, 1)
+    again = push(client, project, tasks, batch_size=2)
+    assert (again.created, again.skipped_existing, again.duplicates) == (0, 6, 1)
+
+    project = client.create_project("same text, import", CONFIG_XML)
+    first = push(client, project, tasks, mode="import", batch_size=2)  # the copies land in different batches
+    stored = list(client.iter_tasks(project))
+    assert sorted(t["data"]["text"] for t in stored) == sorted(texts)
+    assert all(len(t["predictions"]) == 1 for t in stored)
+    assert (first.created, first.skipped_existing) == (6, 0)
+    again = push(client, project, tasks, mode="import", batch_size=2)
+    assert (again.created, again.skipped_existing) == (0, 6)
+    assert len(list(client.iter_tasks(project))) == 6
+
+
+def _push_cli(tmp_path, env: dict) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"].update(predictions="tasks.json", push_state="push.jsonl")
+    params["push"].update(project=1, retries=3, backoff=0.2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "tasks.json").write_text(json.dumps(many_tasks(2, "v-cli")), encoding="utf-8")
+    return subprocess.run([sys.executable, "-m", "pipeline", "push"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_refused_key_and_a_url_without_a_scheme_are_said_once_not_retried(label_studio, tmp_path):
+    wrong_key = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY="0" * 40)
+    proc = _push_cli(tmp_path, wrong_key)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "HTTP 401" in proc.stderr and "LABEL_STUDIO_API_KEY" in proc.stderr
+    assert "retrying" not in proc.stderr and "run push again" not in proc.stderr
+
+    no_scheme = dict(os.environ, LABEL_STUDIO_URL=label_studio.url.split("://", 1)[1],
+                     LABEL_STUDIO_API_KEY=label_studio.api_key)
+    proc = _push_cli(tmp_path, no_scheme)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is not an http:// or https:// URL" in proc.stderr
+    assert "retrying" not in proc.stderr and "run push again" not in proc.stderr

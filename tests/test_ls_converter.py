@@ -89,7 +89,7 @@ def test_engine_is_selectable_from_params(tmp_path):
     params = {"paths": {"export": str(SAMPLE), "label_config": str(SAMPLE_CONFIG), "conll_dir": str(tmp_path / "c"),
                         "convert_report": str(tmp_path / "r.json")},
               "convert": {"engine": "ls-converter", "scheme": "BIO", "overlap": "longest",
-                          "annotations": "ground_truth_or_latest", "unknown_label": "error",
+                          "annotations": "ground_truth_or_latest", "unknown_label": "error", "bad_tasks": "error",
                           "split": {"key": "text", "dev": 0.1, "test": 0.1}}}
     main(params)
     assert json.loads((tmp_path / "r.json").read_text())["engine"] == "ls-converter"
