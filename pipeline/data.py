@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from pipeline.conll import Sentence
-from pipeline.encoding import INFERENCE_OVERLAP, SpecialIds, plan_windows, window_inputs, word_pieces
+from pipeline.encoding import SpecialIds, plan_windows, window_inputs, word_pieces
 from pipeline.tags import close_window_edges
 
 
@@ -32,7 +32,7 @@ class Example:
 
 
 def make_examples(sentences: Sequence[Sentence], tokenizer: Tokenizer, specials: SpecialIds,
-                  tag_to_id: dict[str, int], max_length: int, overlap: float = INFERENCE_OVERLAP,
+                  tag_to_id: dict[str, int], max_length: int, overlap: float,
                   scheme: str = "BIO") -> list[Example]:
     """Encode sentences; longer ones become overlapping windows instead of being truncated.
 

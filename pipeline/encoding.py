@@ -72,10 +72,12 @@ class Window:
     own_hi: int
 
 
-INFERENCE_OVERLAP = 0.5  # share of a window's sub-tokens repeated in the next one
+#: Share of a window's sub-tokens repeated in the next one: ``train.window_overlap``'s default, saved with the
+#: model (``head_config.json``, ``model_info.json``) so training, evaluation, export and serving plan alike.
+DEFAULT_WINDOW_OVERLAP = 0.5
 
 
-def plan_windows(piece_counts: list[int], max_tokens: int, overlap: float = INFERENCE_OVERLAP) -> list[Window]:
+def plan_windows(piece_counts: list[int], max_tokens: int, overlap: float) -> list[Window]:
     """Cover all words with windows of at most ``max_tokens`` sub-tokens.
 
     Consecutive windows share about ``overlap`` of their sub-tokens; each word

@@ -141,7 +141,7 @@ def predict_sentences(model_dir: str | Path, sentences: list[Sentence], batch_si
     tokenizer, specials = load_tokenizer(model_dir)
     tag_to_id = {t: i for i, t in enumerate(labels["tags"])}
     examples = make_examples(sentences, tokenizer, specials, tag_to_id, model.head_config.max_length,
-                             scheme=labels["scheme"])
+                             model.head_config.window_overlap, scheme=labels["scheme"])
     return predict_tags(model, examples, len(sentences), labels["tags"], specials.pad, batch_size), labels
 
 

@@ -109,7 +109,8 @@ def calibration_feeds(model: BertBiLstmCrf, sentences: list[Sentence], model_dir
     """Padded input batches of ``sentences``, for measuring activation ranges."""
     tokenizer, specials = load_tokenizer(model_dir)
     tags = {t: 0 for s in sentences for t in s.tags}
-    examples = sorted(make_examples(sentences, tokenizer, specials, tags, model.head_config.max_length),
+    examples = sorted(make_examples(sentences, tokenizer, specials, tags, model.head_config.max_length,
+                                    model.head_config.window_overlap),
                       key=lambda e: len(e.input_ids))
     return [{k: v.numpy() for k, v in collate(examples[lo:lo + batch_size], specials.pad).items() if k in INPUTS}
             for lo in range(0, len(examples), batch_size)]
@@ -229,7 +230,8 @@ def check_parity(model: BertBiLstmCrf, runtime: NerRuntime, sentences: list[Sent
     """Max |emission difference| and identical Viterbi vs torchcrf paths on ``sentences``."""
     tokenizer, specials = load_tokenizer(model_dir)
     tag_to_id = {t: i for i, t in enumerate(runtime.tags)}
-    examples = make_examples(sentences, tokenizer, specials, tag_to_id, model.head_config.max_length)
+    examples = make_examples(sentences, tokenizer, specials, tag_to_id, model.head_config.max_length,
+                             model.head_config.window_overlap)
     max_diff, mismatched = 0.0, 0
     with torch.inference_mode():
         for lo in range(0, len(examples), batch_size):
@@ -292,6 +294,7 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
         digest = hashlib.sha256((out / MODEL_FILE).read_bytes()).hexdigest()[:12]
         info = {"model_version": f"bert-bilstm-crf-{digest}", "entity_types": labels["entity_types"],
                 "scheme": labels["scheme"], "max_length": model.head_config.max_length,
+                "window_overlap": model.head_config.window_overlap,
                 "encoder_layers": model.bert.config.num_hidden_layers, "hidden_size": model.bert.config.hidden_size,
                 "graph_optimized": True}
         write_json(out / INFO_FILE, info)

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.cpu import cpu_info, describe
-from pipeline.encoding import Window, load_tokenizer, plan_windows, window_inputs, word_pieces
+from pipeline.encoding import DEFAULT_WINDOW_OVERLAP, Window, load_tokenizer, plan_windows, window_inputs, word_pieces
 from pipeline.errors import ModelLoadError
 from pipeline.tags import tags_to_spans
 from pipeline.viterbi import CrfParams, marginals, viterbi_decode
@@ -95,6 +95,7 @@ class NerRuntime:
         self.model_version: str = self.info["model_version"] + ("-int8" if quantized else "")
         self.tokenizer, self.specials = load_tokenizer(self.model_dir)
         self.max_tokens = min(max_tokens, int(self.info.get("max_length", 512))) - 2
+        self.window_overlap = float(self.info.get("window_overlap", DEFAULT_WINDOW_OVERLAP))  # as trained
         self.batch_size = batch_size
         self.onnx_path = onnx_path
         options = session_options(threads, optimized=bool(self.info.get("graph_optimized")))
@@ -158,7 +159,7 @@ class NerRuntime:
         jobs: list[EncodedWindow] = []
         for i, ws in enumerate(words):
             pieces = word_pieces(self.tokenizer, self.specials, ws, self.max_tokens)
-            for window in plan_windows([len(p) for p in pieces], self.max_tokens):
+            for window in plan_windows([len(p) for p in pieces], self.max_tokens, self.window_overlap):
                 ids, first = window_inputs(pieces, window, self.specials)
                 jobs.append(EncodedWindow(i, window, ids, first))
         return jobs

@@ -18,6 +18,7 @@ from torch import nn
 from torchcrf import CRF
 from transformers import BertConfig, BertModel
 
+from pipeline.encoding import DEFAULT_WINDOW_OVERLAP
 from pipeline.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class HeadConfig:
     lstm_layers: int = 1
     dropout: float = 0.1
     max_length: int = 512
+    window_overlap: float = DEFAULT_WINDOW_OVERLAP  # windows of texts over max_length (train, eval, serve)
 
 
 class LengthAwareBiLSTM(nn.Module):

@@ -25,7 +25,7 @@ from pipeline.atomic import atomic_dir
 from pipeline.conll import Sentence, read_conll
 from pipeline.data import Example, bucket_batches, collate, make_examples
 from pipeline.distributed import World
-from pipeline.encoding import SpecialIds, special_ids
+from pipeline.encoding import DEFAULT_WINDOW_OVERLAP, SpecialIds, special_ids
 from pipeline.errors import DataError, ParamsError, PipelineError
 from pipeline.evaluate import predict_tags, score
 from pipeline.model import BertBiLstmCrf, HeadConfig, build_model, save_model
@@ -70,7 +70,7 @@ class TrainConfig:
     plateau_patience: int = 1    # epochs without a better dev F1 before the rate drops
     precision: str = "auto"     # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 (CPU: hardware bf16) | fp16
     constrain_transitions: bool = True  # forbid transitions the tag scheme rules out (O -> I-X in BIO)
-    window_overlap: float = 0.5  # share of sub-tokens repeated between windows of sentences over max_length
+    window_overlap: float = DEFAULT_WINDOW_OVERLAP  # sub-tokens shared by windows of long texts; saved with the model
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
@@ -184,7 +184,8 @@ def prepare(conll_dir: str | Path, encoder_dir: str | Path, config: TrainConfig,
                       dropout=config.dropout, max_length=config.max_length)
     model = build_model(encoder_dir, head, pretrained=config.pretrained)
     max_len = min(config.max_length, model.bert.config.max_position_embeddings)
-    model.head_config = replace(head, max_length=max_len)  # saved with the model: inference windows by it
+    # saved with the model: evaluation, export and serving cut long texts into the same windows
+    model.head_config = replace(head, max_length=max_len, window_overlap=config.window_overlap)
     model.to(device)
     if config.constrain_transitions:
         model.forbid_transitions(*allowed_transitions(tags, labels["scheme"]))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_windows_cover_every_word_once_and_respect_the_budget():
     counts = [1, 3, 2, 5, 1, 1, 4, 2, 2, 3, 1, 1, 6, 2] * 5
-    windows = plan_windows(counts, max_tokens=12)
+    windows = plan_windows(counts, max_tokens=12, overlap=0.5)
     assert len(windows) > 1
     owned = []
     for w in windows:
@@ -25,7 +25,7 @@ def test_windows_cover_every_word_once_and_respect_the_budget():
         assert w.lo <= w.own_lo < w.own_hi <= w.hi
         owned.extend(range(w.own_lo, w.own_hi))
     assert owned == list(range(len(counts)))
-    assert plan_windows([3, 4], max_tokens=12)[0].own_hi == 2
+    assert plan_windows([3, 4], max_tokens=12, overlap=0.5)[0].own_hi == 2
 
 
 def test_results_do_not_depend_on_batch_company(pipeline_run):
@@ -103,7 +103,8 @@ def test_text_that_fits_takes_one_window_equal_to_a_single_pass(pipeline_run):
     words = _words_with_pieces(runtime, runtime.max_tokens)  # exactly the budget: still one window
     pieces = word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)
     assert sum(map(len, pieces)) == runtime.max_tokens
-    assert plan_windows([len(p) for p in pieces], runtime.max_tokens) == [Window(0, len(words), 0, len(words))]
+    assert plan_windows([len(p) for p in pieces], runtime.max_tokens, runtime.window_overlap) == [
+        Window(0, len(words), 0, len(words))]
     np.testing.assert_allclose(runtime.word_emissions([words])[0], _single_pass(runtime, words), atol=1e-5)
 
 
@@ -111,7 +112,7 @@ def test_each_word_of_a_long_text_gets_the_single_pass_of_the_window_that_owns_i
     runtime = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=4)
     words = _words_with_pieces(runtime, 4 * runtime.max_tokens + 7)
     pieces = word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)
-    windows = plan_windows([len(p) for p in pieces], runtime.max_tokens)
+    windows = plan_windows([len(p) for p in pieces], runtime.max_tokens, runtime.window_overlap)
     assert len(windows) > 2
     stitched = runtime.word_emissions([words])[0]
     for w in windows:
@@ -214,3 +215,48 @@ def test_smoothing_rewrite_leaves_the_fp32_function_unchanged(pipeline_run, tmp_
     smoothed = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"])
     for feed in feeds:
         np.testing.assert_allclose(smoothed.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_non_default_window_overlap_plans_the_same_windows_in_training_evaluation_and_serving(pipeline_run,
+                                                                                               tmp_path):
+    """train.window_overlap travels with the model: the runtime reads it from the exported folder."""
+    import shutil
+
+    from pipeline.conll import Sentence
+    from pipeline.data import make_examples
+    from pipeline.model import HeadConfig, load_model, save_model
+
+    assert json.loads((pipeline_run.path("onnx_dir") / "model_info.json").read_text())["window_overlap"] == \
+        pipeline_run.params["train"]["window_overlap"]
+    overlap = 0.25
+    model, labels = load_model(pipeline_run.path("model_dir"))
+    model.head_config = HeadConfig(**{**model.head_config.__dict__, "window_overlap": overlap})
+    saved = tmp_path / "model"
+    save_model(model, saved, labels)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (pipeline_run.path("model_dir") / name).is_file():
+            shutil.copy2(pipeline_run.path("model_dir") / name, saved / name)
+    reloaded, _ = load_model(saved)  # what evaluate and export read
+    assert reloaded.head_config.window_overlap == overlap
+
+    onnx = tmp_path / "onnx"
+    shutil.copytree(pipeline_run.path("onnx_dir"), onnx)
+    info = json.loads((onnx / "model_info.json").read_text())
+    (onnx / "model_info.json").write_text(json.dumps({**info, "window_overlap": overlap}))
+    runtime = NerRuntime(onnx)
+    words = _words_with_pieces(runtime, 5 * runtime.max_tokens + 3)
+    served = [(w.window.lo, w.window.hi, w.window.own_lo, w.window.own_hi) for w in runtime.encode([words])]
+
+    tags = {t: i for i, t in enumerate(labels["tags"])}
+    spans, pos = [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    sentence = Sentence("1", " ".join(words), spans, ["O"] * len(words))
+    trained = make_examples([sentence], runtime.tokenizer, runtime.specials, tags,
+                            reloaded.head_config.max_length, reloaded.head_config.window_overlap)
+    assert [list(e.input_ids) for e in trained] == [list(w.input_ids) for w in runtime.encode([words])]
+    assert [(e.own_lo, e.own_hi) for e in trained] == [(o_lo - lo, o_hi - lo) for lo, _, o_lo, o_hi in served]
+    assert len(served) > 2 and served != [(w.lo, w.hi, w.own_lo, w.own_hi) for w in plan_windows(
+        [len(p) for p in word_pieces(runtime.tokenizer, runtime.specials, words, runtime.max_tokens)],
+        runtime.max_tokens, 0.5)]  # the plan really depends on the overlap
