@@ -100,8 +100,64 @@ def test_engine_is_selectable_from_params(tmp_path):
         main(params)
 
 
+LS_POLICIES = dict(scheme="BIO", overlap="longest", annotations="ground_truth_or_latest", unknown_label="error",
+                   bad_tasks="error", split_key="text", dev=0.0, test=0.0)
+
+
+def ls_run(tmp_path, tasks, **policies):
+    from pipeline.ls_converter import run
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    export = tmp_path / "export.json.gz"  # gzip too: the engine reads the export with our reader
+    export.write_bytes(gzip.compress(json.dumps(tasks, ensure_ascii=False).encode()))
+    config = tmp_path / "config.xml"
+    config.write_text(CONFIG_XML, encoding="utf-8")
+    report = run(export, config, tmp_path / "conll", tmp_path / "r.json", **{**LS_POLICIES, **policies})
+    lines = (tmp_path / "conll" / "train.conll").read_text(encoding="utf-8").split("\n\n")
+    return [block for block in lines if block.strip()], report
+
+
+def test_the_sdk_engine_honours_the_overlap_policy(tmp_path):
+    from pipeline.errors import ConversionError
+
+    t = task(1, "Bank of America Tower", region(0, 15, "ORG", "Bank of America"),
+             region(0, 21, "LOC", "Bank of America Tower"))
+    [sentence], report = ls_run(tmp_path, [t])
+    assert "B-LOC" in sentence and "ORG" not in sentence  # the longest span, as the exact engine keeps
+    assert report["counts"]["spans_dropped:overlap"] == 1
+    with pytest.raises(ConversionError, match="task 1.*overlaps"):
+        ls_run(tmp_path / "e", [t], overlap="error")
+
+
+def test_the_sdk_engine_honours_the_annotation_and_unknown_label_policies(tmp_path):
+    from pipeline.errors import ConversionError
+
+    t = task(1, "Paris and Obama", region(0, 5, "LOC", "Paris"))
+    second = dict(task(1, "Paris and Obama", region(10, 15, "PER", "Obama"))["annotations"][0], id=99,
+                  ground_truth=True)
+    t["annotations"].append(second)
+    [sentence], _ = ls_run(tmp_path / "gt", [t])
+    assert "B-PER" in sentence and "B-LOC" not in sentence  # the ground truth only
+    both, _ = ls_run(tmp_path / "all", [t], annotations="all")
+    assert len(both) == 2
+    odd = task(2, "Paris", region(0, 5, "CITY", "Paris"))
+    with pytest.raises(ConversionError, match="task 2.*'CITY' is not in the label config"):
+        ls_run(tmp_path / "err", [odd])
+    [kept], report = ls_run(tmp_path / "ign", [odd], unknown_label="ignore")
+    assert "CITY" not in kept and report["counts"]["spans_dropped:unknown_label"] == 1
+
+
+@pytest.mark.parametrize("policy,message", [({"bad_tasks": "skip"}, "convert.bad_tasks"),
+                                            ({"scheme": "BIOES"}, "BIO only")])
+def test_the_sdk_engine_refuses_what_it_cannot_follow(tmp_path, policy, message):
+    from pipeline.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=message):
+        ls_run(tmp_path, [task(1, "Paris", region(0, 5, "LOC", "Paris"))], **policy)
+    assert not (tmp_path / "conll").exists()
+
+
 @pytest.mark.parametrize("data,message", [
-    (lambda text: gzip.compress(text.encode()), "is gzip-compressed; the ls-converter engine reads plain JSON only"),
     (lambda text: text.encode("latin-1"), r"is not UTF-8: byte \d+ \(0xE9\)"),
     (lambda text: text.encode("utf-16"), r"is UTF-16LE"),
     (lambda text: b"[" * 100_000 + b"]" * 100_000, "nests lists or objects too deeply"),
@@ -115,5 +171,5 @@ def test_the_sdk_engine_refuses_unreadable_exports_in_one_line(tmp_path, data, m
     config = tmp_path / "config.xml"
     config.write_text(CONFIG_XML, encoding="utf-8")
     with pytest.raises(ConversionError, match=message):
-        run(export, config, tmp_path / "conll", tmp_path / "r.json")
+        run(export, config, tmp_path / "conll", tmp_path / "r.json", **LS_POLICIES)
     assert not (tmp_path / "conll").exists()
