@@ -8,7 +8,7 @@ ENCODER := pretrained/all-MiniLM-L6-v2/model.safetensors
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro repro-msra test lock
+.PHONY: setup repro repro-msra test lock chromium
 
 # Install from the lock so that a fresh machine gets exactly the tested stack.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,7 +31,25 @@ repro: setup
 repro-msra: setup
 	$(BIN)/dvc repro pipelines/msra/dvc.yaml
 
-test: setup
+# Debian's chromium, which tests/test_labelstudio_ui.py drives with Playwright to look at the labeling UI
+# (never `playwright install`: that downloads a browser build). Installed with apt-get when we are root (CI),
+# else one line saying how; nothing to do once it is there.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	    echo "$(CHROMIUM) missing (tests/test_labelstudio_ui.py needs it): install Debian's chromium package, e.g. 'sudo apt-get install -y chromium', then run make test again" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing Debian's chromium (apt-get install chromium)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+	    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	    || { echo "apt-get install chromium failed" >&2; exit 1; }; \
+	  [ -x $(CHROMIUM) ] || { echo "apt-get installed chromium but $(CHROMIUM) is missing" >&2; exit 1; }; \
+	fi
+
+test: setup chromium
 	$(BIN)/python -m pytest
 
 # Re-resolve the pinned stack from pyproject.toml's ranges (see README).
