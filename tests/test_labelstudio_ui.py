@@ -4,7 +4,7 @@ Label Studio places a region by code-point offsets (Python string indices).
 The API hands back whatever offsets it was given, so a round trip through it
 cannot catch offsets counted in other units; the labeling UI can: a region
 that is off renders over the wrong characters. These tests open each task in
-the real UI (Playwright driving Debian's ``chromium``, which ``make setup``
+the real UI (Playwright driving Debian's ``chromium``, which ``make test``
 installs) and compare every highlighted region's text with the entity that
 was predicted, for CJK, emoji (ZWJ sequences, skin tones, flags) and CRLF
 texts: once for predictions pushed with ``pipeline.push`` and once for
@@ -31,7 +31,7 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make setup` installs it (no `playwright install`)
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make test` installs it (no `playwright install`)
 CONFIG_PATH = ROOT / "data" / "labelstudio" / "label_config.xml"
 CONFIG_XML = CONFIG_PATH.read_text(encoding="utf-8")
 API_KEY = "ui-test-backend-key"
@@ -88,8 +88,8 @@ def expected_regions(text: str, result: list[dict]) -> list[tuple[tuple[str, ...
 def labeling_ui(label_studio):
     """A headless Chromium page logged in to the Label Studio server."""
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} missing: run `make setup` (as root it installs Debian's chromium), "
-                    "or `sudo apt-get install -y chromium`")
+        pytest.fail(f"{CHROMIUM} missing: run `make chromium` (`make test` does; as root it installs Debian's "
+                    "chromium with apt-get), or `sudo apt-get install -y chromium`")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
