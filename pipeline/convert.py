@@ -36,6 +36,7 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, atomic_open, write_json
 from pipeline.conll import Sentence, format_sentence
+from pipeline.config import ConvertConfig
 from pipeline.errors import ConversionError, TaskError
 from pipeline.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
 from pipeline.labelconfig import LabelConfig, read_label_config
@@ -705,14 +706,11 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str
 
 def main(params: dict[str, Any], engine: str | None = None, project: int | None = None) -> None:
     """Convert the export file, or (``--project``) a live project's export pulled through the SDK."""
-    paths, conf = params["paths"], params["convert"]
-    engine = engine or conf.get("engine", "exact")
-    options = dict(scheme=conf["scheme"], overlap=conf["overlap"], annotations=conf["annotations"],
-                   unknown_label=conf["unknown_label"], bad_tasks=conf["bad_tasks"],
-                   split_key=conf["split"]["key"],
-                   dev=conf["split"]["dev"], test=conf["split"]["test"])
+    paths, conf = params["paths"], ConvertConfig.from_params(params)
+    engine = engine or conf.engine
+    options = conf.policies()
     if engine == "exact":
-        options["workers"] = conf.get("workers", 0)
+        options["workers"] = conf.workers
         convert_file = run
     elif engine == "ls-converter":
         from pipeline.ls_converter import run as convert_file

@@ -20,6 +20,7 @@ from seqeval.scheme import IOB2, IOBES
 
 from pipeline.atomic import atomic_open, write_json
 from pipeline.conll import Sentence, read_conll
+from pipeline.config import EvaluateConfig
 from pipeline.data import Example, collate, make_examples
 from pipeline.encoding import load_tokenizer
 from pipeline.model import BertBiLstmCrf, load_model
@@ -151,9 +152,9 @@ def evaluate(model_dir: str | Path, sentences: list[Sentence], batch_size: int =
 
 
 def main(params: dict[str, Any]) -> None:
-    paths, conf = params["paths"], params["evaluate"]
+    paths, conf = params["paths"], EvaluateConfig.from_params(params)
     sentences = list(read_conll(Path(paths["conll_dir"]) / "test.conll"))
-    pred, labels = predict_sentences(paths["model_dir"], sentences, conf["batch_size"])
+    pred, labels = predict_sentences(paths["model_dir"], sentences, conf.batch_size)
     metrics = score([s.tags for s in sentences], pred, labels["scheme"])
     confusion, errors = entity_errors(sentences, pred)
     write_json(paths["eval_metrics"], {"test": metrics})

@@ -40,6 +40,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from pipeline.atomic import atomic_dir, write_json
+from pipeline.config import ExportConfig
 from pipeline.cpu import describe
 from pipeline.conll import Sentence, read_conll
 from pipeline.data import collate, make_examples
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 
 INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-# Node-name patterns (torch.onnx names of a Hugging Face BertModel) of the MatMuls most sensitive to int8.
-INT8_SENSITIVE = ("/encoder/layer.0/intermediate/dense/", "/encoder/layer.0/output/dense/",
-                  "/encoder/layer.1/output/dense/")
 
 
 class ExportError(PipelineError):
@@ -265,11 +263,8 @@ def int8_agreement(fp32: NerRuntime, int8: NerRuntime, sentences: list[Sentence]
     return agreement, score(gold, tags_fp32, scheme)["f1"], score(gold, tags_int8, scheme)["f1"]
 
 
-def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, metrics_path: str | Path, *,
-           opset: int = 17, quantize: bool = True, max_abs_diff: float = 1e-4, fuse: bool = True,
-           int8_blockwise: list[str] | tuple[str, ...] = INT8_SENSITIVE, int8_block_size: int = 128,
-           int8_embeddings: bool = False, int8_smooth: float = 0.8, int8_calibration: int = 256,
-           int8_float: list[str] | tuple[str, ...] = (), threads: int = 0) -> dict[str, Any]:
+def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, metrics_path: str | Path,
+           config: ExportConfig = ExportConfig()) -> dict[str, Any]:
     model_dir, conll_dir = Path(model_dir), Path(conll_dir)
     model, labels = load_model(model_dir)
     dev = list(read_conll(conll_dir / "dev.conll"))
@@ -279,12 +274,12 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
         work = out / ".work"
         work.mkdir()
         raw = work / "raw.onnx"
-        export_onnx(model, raw, opset)
+        export_onnx(model, raw, config.opset)
         fp32_src = raw
-        if fuse:
+        if config.fuse:
             fp32_src = work / "fused.onnx"
-            config = model.bert.config
-            metrics["fused_ops"] = fuse_transformer(raw, fp32_src, config.num_attention_heads, config.hidden_size)
+            bert = model.bert.config
+            metrics["fused_ops"] = fuse_transformer(raw, fp32_src, bert.num_attention_heads, bert.hidden_size)
         optimize_for_cpu(fp32_src, out / MODEL_FILE)
         (out / CRF_FILE).write_text(json.dumps(crf_dict(model, labels["tags"])) + "\n")
         (out / LABELS).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
@@ -299,27 +294,27 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
                 "graph_optimized": True}
         write_json(out / INFO_FILE, info)
 
-        runtime = NerRuntime(out, threads=threads)
+        runtime = NerRuntime(out, threads=config.threads)
         parity = check_parity(model, runtime, dev, out)
         metrics["parity"] = parity
         log.info("parity on %d dev sequences: max |diff| %.2e, %d decoded paths differ", parity["sequences"],
                  parity["max_abs_diff"], parity["mismatched_sequences"])
-        if parity["max_abs_diff"] > max_abs_diff or parity["mismatched_sequences"]:
+        if parity["max_abs_diff"] > config.max_abs_diff or parity["mismatched_sequences"]:
             raise ExportError(f"ONNX does not reproduce PyTorch: max |emission diff| {parity['max_abs_diff']:.2e} "
-                              f"(tolerance {max_abs_diff:.0e}), {parity['mismatched_sequences']} dev sequences "
-                              "decode differently")
+                              f"(tolerance {config.max_abs_diff:.0e}), {parity['mismatched_sequences']} dev "
+                              "sequences decode differently")
         metrics["test_f1_fp32"] = runtime_f1(runtime, test, labels["scheme"])
         metrics["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
-        if quantize:
+        if config.quantize:
             feeds = None
-            if int8_smooth > 0:
-                calibration = list(read_conll(conll_dir / "train.conll"))[:int8_calibration]
+            if config.int8_smooth > 0:
+                calibration = list(read_conll(conll_dir / "train.conll"))[:config.int8_calibration]
                 feeds = calibration_feeds(model, calibration, model_dir)
-            metrics["int8_scheme"] = quantize_int8(fp32_src, work / "int8.onnx", work, list(int8_blockwise),
-                                                   int8_block_size, int8_embeddings, int8_smooth, feeds,
-                                                   keep_float=list(int8_float))
+            metrics["int8_scheme"] = quantize_int8(
+                fp32_src, work / "int8.onnx", work, list(config.int8_blockwise), config.int8_block_size,
+                config.int8_embeddings, config.int8_smooth, feeds, keep_float=list(config.int8_float))
             optimize_for_cpu(work / "int8.onnx", out / QUANTIZED_FILE)
-            int8 = NerRuntime(out, quantized=True, threads=threads)
+            int8 = NerRuntime(out, quantized=True, threads=config.threads)
             on_test, _, metrics["test_f1_int8"] = int8_agreement(runtime, int8, test, labels["scheme"])
             on_dev, dev_f1_fp32, dev_f1_int8 = int8_agreement(runtime, int8, dev, labels["scheme"])
             metrics["int8_f1_delta"] = metrics["test_f1_int8"] - metrics["test_f1_fp32"]
@@ -332,15 +327,11 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
         shutil.rmtree(work)
     write_json(metrics_path, metrics)
     log.info("exported %s: test F1 fp32 %.4f%s", info["model_version"], metrics["test_f1_fp32"],
-             f", int8 {metrics['test_f1_int8']:.4f}" if quantize else "")
+             f", int8 {metrics['test_f1_int8']:.4f}" if config.quantize else "")
     return metrics
 
 
 def main(params: dict[str, Any]) -> None:
-    paths, conf = params["paths"], params["export"]
+    paths = params["paths"]
     export(paths["model_dir"], paths["onnx_dir"], paths["conll_dir"], paths["export_metrics"],
-           opset=conf["opset"], quantize=conf["quantize"], max_abs_diff=conf["max_abs_diff"],
-           fuse=conf["fuse"], int8_blockwise=conf["int8_blockwise"], int8_block_size=conf["int8_block_size"],
-           int8_embeddings=conf["int8_embeddings"], int8_smooth=conf["int8_smooth"],
-           int8_calibration=conf["int8_calibration"], int8_float=conf["int8_float"],
-           threads=params["predict"]["threads"])
+           ExportConfig.from_params(params))

@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
+from pipeline.config import PredictConfig
 from pipeline.convert import iter_export, task_text
 from pipeline.errors import ParamsError
 from pipeline.inference import NerRuntime, TextPrediction
@@ -59,12 +60,12 @@ def predict_tasks(runtime: NerRuntime, tasks: list[dict[str, Any]], config: Labe
 
 
 def main(params: dict[str, Any]) -> None:
-    paths, conf = params["paths"], params["predict"]
-    runtime = NerRuntime(paths["onnx_dir"], quantized=conf["quantized"], threads=conf["threads"],
-                         max_tokens=conf["max_tokens"], batch_size=conf["batch_size"])
+    paths, conf = params["paths"], PredictConfig.from_params(params)
+    runtime = NerRuntime(paths["onnx_dir"], quantized=conf.quantized, threads=conf.threads,
+                         max_tokens=conf.max_tokens, batch_size=conf.batch_size)
     config = read_label_config(paths["label_config"])
-    tasks = select_tasks(list(iter_export(paths["export"])), conf["tasks"])
-    predicted = predict_tasks(runtime, tasks, config, conf["model_version"] or None)
+    tasks = select_tasks(list(iter_export(paths["export"])), conf.tasks)
+    predicted = predict_tasks(runtime, tasks, config, conf.model_version or None)
     write_json(Path(paths["predictions"]), predicted, indent=1)
     n_entities = sum(len(t["predictions"][0]["result"]) for t in predicted)
     log.info("wrote %d tasks with %d predicted entities (%s) to %s", len(predicted), n_entities,

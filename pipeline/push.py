@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.config import PushConfig
 from pipeline.errors import LabelConfigMismatch, LabelStudioConfigError, LabelStudioError, ParamsError, PipelineError
 from pipeline.labelconfig import LabelConfig
 from pipeline.labelstudio import LabelStudioClient
@@ -221,19 +222,18 @@ def _payload(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(params: dict[str, Any], project: int | None = None) -> None:
-    paths, conf = params["paths"], params["push"]
-    project_id = project if project is not None else conf.get("project")
+    paths, conf = params["paths"], PushConfig.from_params(params)
+    project_id = project if project is not None else conf.project
     if project_id is None:
         raise ParamsError("no Label Studio project: pass --project ID or set push.project in params.yaml")
     path = Path(paths["predictions"])
     if not path.is_file():
         raise PipelineError(f"{path} not found; run `dvc repro` (predict stage) first")
     tasks = json.loads(path.read_text(encoding="utf-8"))
-    client = LabelStudioClient.from_env(retries=conf.get("retries", 5), backoff=conf.get("backoff", 0.5))
+    client = LabelStudioClient.from_env(retries=conf.retries, backoff=conf.backoff)
     try:
-        summary = push(client, int(project_id), tasks, match=conf["match"], mode=conf.get("mode", "attach"),
-                       label_map=conf.get("label_map") or {}, batch_size=conf.get("batch_size", 100),
-                       state_path=paths.get("push_state"))
+        summary = push(client, int(project_id), tasks, match=conf.match, mode=conf.mode, label_map=conf.label_map,
+                       batch_size=conf.batch_size, state_path=paths.get("push_state"))
     except LabelStudioConfigError:
         raise  # wrong URL or key: said once, nothing to continue
     except LabelStudioError as exc:

@@ -35,6 +35,7 @@ QUICK = [
 # Run elsewhere in the suite (the file and test that do it) or by CI itself.
 COVERED = {
     r"make test": ".ci/run",
+    r"\.venv/bin/python -m scripts\.dvc_deps --write": "tests/test_dvc_deps.py::test_stage_deps_are_its_import_closure",
     r"git checkout -- dvclive metrics plots reports && \.venv/bin/dvc checkout":
         "tests/test_dvc_failures.py::test_after_a_failed_train_dvc_checkout_brings_the_last_model_back",
     r"make repro$": "tests/test_pipeline_dvc.py::test_repro_runs_every_stage_and_writes_the_promised_outputs",
