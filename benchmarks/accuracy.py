@@ -39,17 +39,17 @@ from typing import Any
 
 import torch
 import yaml
+from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
 from torchcrf import CRF
 
-from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
-from pipeline.atomic import write_json
-from pipeline.conll import Sentence, read_conll
-from pipeline.cpu import cpu_info
-from pipeline.evaluate import evaluate, score
-from pipeline.model import LengthAwareBiLSTM
-from pipeline.optim import build_optimizer
-from pipeline.params import load_params
-from pipeline.train import TrainConfig, seed_everything, train
+from pipeline.core.atomic import write_json
+from pipeline.core.conll import Sentence, read_conll
+from pipeline.core.cpu import cpu_info
+from pipeline.core.params import load_params
+from pipeline.modeling.evaluate import evaluate, score
+from pipeline.modeling.model import LengthAwareBiLSTM
+from pipeline.modeling.optim import build_optimizer
+from pipeline.modeling.train import TrainConfig, seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.accuracy")
@@ -76,8 +76,13 @@ def run_softmax(train_s: list[Sentence], dev_s: list[Sentence], test_s: list[Sen
                 our_rates: bool = False) -> dict:
     """``our_rates``: the classifier learns at ``lr_head`` instead of the encoder's rate, as our head does."""
     import numpy as np
-    from transformers import (AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        BertForTokenClassification,
+        DataCollatorForTokenClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(str(encoder))
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cpu import cpu_info
+from pipeline.core.cpu import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "labelstudio" / "export.json"
@@ -32,7 +32,7 @@ log = logging.getLogger("benchmarks.convert")
 # Each engine runs in its own interpreter; it prints its wall time and peak RSS as JSON.
 RUNNERS = {
     "ours": """
-from pipeline.convert import run
+from pipeline.labelstudio.convert import run
 import logging; logging.disable(logging.INFO)
 run(EXPORT, CONFIG, OUT + "/conll", OUT + "/report.json", workers=0)  # as the pipeline runs it
 """,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.conll import Sentence
+from pipeline.core.conll import Sentence
 
 
 def label_first_subtokens(tokenizer: Any, sentences: list[Sentence], tags: list[str], max_length: int) -> list[dict]:

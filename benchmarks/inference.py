@@ -11,7 +11,7 @@ to entities with character offsets:
   (a') hf_pipeline_as_written  the same pipeline called as the issue writes it, ``ner(texts)``: its
                     default batch size, 1 (throughput only; its latency is (a)'s)
   (b) torch_eager   our BERT-BiLSTM-CRF in PyTorch eager mode (``paths.model_dir``)
-  (c) onnx_fp32     our ONNX runtime (``pipeline.inference.NerRuntime``), ``model.onnx``
+  (c) onnx_fp32     our ONNX runtime (``pipeline.runtime.inference.NerRuntime``), ``model.onnx``
   (d) onnx_int8     the same runtime on ``model.int8.onnx``
 
 (b), (c) and (d) share everything but the engine that computes emissions: word
@@ -36,7 +36,7 @@ rate (one ONNX Runtime MatMul of the model's feed-forward shape, best of many ru
 ratios that need more than that rate are out of reach of any fp32 graph on this CPU.
 
 Ratios are taken inside this run only (the machine is shared; absolute figures move). The int8
-F1 drop is measured here on the test set, as ``pipeline/export.py`` measures it.
+F1 drop is measured here on the test set, as ``pipeline/modeling/export.py`` measures it.
 
     .venv/bin/python benchmarks/inference.py                       # after `make repro`
     .venv/bin/python benchmarks/inference.py --sentences 500 --repeats 2
@@ -58,14 +58,14 @@ import numpy as np
 import torch
 from transformers import BertConfig
 
-from pipeline.atomic import write_json
-from pipeline.conll import read_conll
-from pipeline.cpu import cpu_info
-from pipeline.evaluate import score
-from pipeline.inference import NerRuntime
-from pipeline.model import ENCODER_CONFIG, HEAD_CONFIG, load_model
-from pipeline.params import load_params
-from pipeline.words import split_words
+from pipeline.core.atomic import write_json
+from pipeline.core.conll import read_conll
+from pipeline.core.cpu import cpu_info
+from pipeline.core.params import load_params
+from pipeline.core.words import split_words
+from pipeline.modeling.evaluate import score
+from pipeline.modeling.model import ENCODER_CONFIG, HEAD_CONFIG, load_model
+from pipeline.runtime.inference import NerRuntime
 
 log = logging.getLogger("benchmarks.inference")
 

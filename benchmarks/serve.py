@@ -34,14 +34,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.convert import iter_export, task_text  # noqa: E402
-from pipeline.cpu import cpu_info  # noqa: E402
-from pipeline.inference import NerRuntime  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.words import split_words  # noqa: E402
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.core.cpu import cpu_info  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
+from pipeline.core.words import split_words  # noqa: E402
+from pipeline.labelstudio.convert import iter_export, task_text  # noqa: E402
+from pipeline.runtime.inference import NerRuntime  # noqa: E402
 from serve.app import Settings  # noqa: E402
-from serve.process import ServiceProcess  # noqa: E402
+from tests.service_process import ServiceProcess  # noqa: E402
 
 log = logging.getLogger("benchmarks.serve")
 TARGET_VS_IN_PROCESS = 0.7

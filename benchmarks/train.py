@@ -29,14 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from hf_token_classification import label_first_subtokens  # benchmarks/, this script's folder
-from pipeline.atomic import write_json
-from pipeline.conll import read_conll, write_conll
-from pipeline.cpu import cpu_info
-from pipeline.encoding import load_tokenizer, special_ids, word_pieces
-from pipeline.params import load_params
-from pipeline.train import TrainConfig, train
+
+from pipeline.core.atomic import write_json
+from pipeline.core.conll import read_conll, write_conll
+from pipeline.core.cpu import cpu_info
+from pipeline.core.encoding import load_tokenizer, word_pieces
+from pipeline.core.params import load_params
+from pipeline.modeling.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.train")
@@ -67,8 +67,13 @@ def run_ours(conll: Path, encoder: Path, config: TrainConfig, work: Path) -> flo
 
 
 def run_hf(sentences: list, tags: list[str], encoder: Path, config: TrainConfig, device: str, work: Path) -> float:
-    from transformers import (AutoTokenizer, BertForTokenClassification, DataCollatorForTokenClassification,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        BertForTokenClassification,
+        DataCollatorForTokenClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(encoder))

@@ -12,21 +12,21 @@ import importlib
 import logging
 import sys
 
-from pipeline.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
+from pipeline.core.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
 
 if __name__ == "__main__":
     ensure_project_interpreter()
 
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
 
 STAGES = {
-    "convert": "pipeline.convert",
-    "train": "pipeline.train",
-    "evaluate": "pipeline.evaluate",
-    "export": "pipeline.export",
-    "predict": "pipeline.predict",
-    "push": "pipeline.push",
+    "convert": "pipeline.stages.convert",
+    "train": "pipeline.stages.train",
+    "evaluate": "pipeline.stages.evaluate",
+    "export": "pipeline.stages.export",
+    "predict": "pipeline.stages.predict",
+    "push": "pipeline.stages.push",
 }
 
 log = logging.getLogger("pipeline")
@@ -66,23 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         if args.command == "fetch-encoder":
-            from pipeline.pretrained import fetch_encoder
+            from pipeline.stages.fetch_encoder import fetch_encoder
 
             fetch_encoder(params["paths"]["encoder"], force=args.force)
         elif args.command == "convert":
-            from pipeline import convert
+            from pipeline.stages import convert
 
             convert.main(params, engine=args.engine, project=args.project)
         elif args.command == "pull":
-            from pipeline import convert
+            from pipeline.stages import convert
 
             convert.pull(params, args.project)
         elif args.command == "lr-find":
-            from pipeline import lr_find
+            from pipeline.stages import lr_find
 
             lr_find.main(params, start=args.start, end=args.end, steps=args.steps)
         elif args.command == "push":
-            from pipeline import push
+            from pipeline.stages import push
 
             push.main(params, project=args.project)
         else:

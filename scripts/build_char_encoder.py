@@ -20,14 +20,14 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from pipeline.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
+from pipeline.core.interpreter import ensure_project_interpreter  # stdlib only: runs before any dependency
 
 if __name__ == "__main__":
     ensure_project_interpreter()
 
 from transformers import BertConfig, BertTokenizerFast  # noqa: E402
 
-from pipeline.atomic import atomic_dir  # noqa: E402
+from pipeline.core.atomic import atomic_dir  # noqa: E402
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 log = logging.getLogger("build_char_encoder")

@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.atomic import atomic_open
+from pipeline.core.atomic import atomic_open
 
 ENTITY_TYPES = ["PER", "LOC", "ORG"]
 LABEL_CONFIG = """<View>

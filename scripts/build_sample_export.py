@@ -24,7 +24,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from pipeline.atomic import atomic_open
+from pipeline.core.atomic import atomic_open
 
 ENTITY_TYPES = ["person", "geo-loc", "company", "facility", "product", "musicartist", "movie",
                 "sportsteam", "tvshow", "other"]

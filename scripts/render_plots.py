@@ -22,8 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-from pipeline.atomic import atomic_open  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.core.atomic import atomic_open  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
 
 log = logging.getLogger("render_plots")
 

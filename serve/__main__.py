@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from pipeline.errors import ModelLoadError
+from pipeline.core.errors import ModelLoadError
 from serve.app import Settings, create_app
 
 log = logging.getLogger("serve")

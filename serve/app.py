@@ -28,10 +28,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from pipeline.errors import LabelConfigMismatch, ModelLoadError
-from pipeline.inference import CRF_FILE, INFO_FILE, NerRuntime
-from pipeline.labelconfig import LabelConfig, check_labels
-from pipeline.predict import to_ls_prediction
+from pipeline.core.errors import LabelConfigMismatch, ModelLoadError
+from pipeline.labelstudio.labelconfig import LabelConfig, check_labels
+from pipeline.labelstudio.regions import to_ls_prediction
+from pipeline.runtime.inference import CRF_FILE, INFO_FILE, NerRuntime
 from serve.auth import OPEN_PATHS, ApiKeyAuth
 from serve.batching import Batched, MicroBatcher
 from serve.errors import ShutdownAnswer, install_error_handlers, printable

@@ -18,8 +18,8 @@ from collections import OrderedDict
 
 from fastapi import HTTPException
 
-from pipeline.errors import LabelConfigMismatch
-from pipeline.labelconfig import LabelConfig, parse_label_config
+from pipeline.core.errors import LabelConfigMismatch
+from pipeline.labelstudio.labelconfig import LabelConfig, parse_label_config
 
 MAX_CONFIG_ENV = "NER_MAX_CONFIG_CHARS"
 

@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from pipeline.atomic import atomic_dir, atomic_open, sweep_stale
+from pipeline.core.atomic import atomic_dir, atomic_open, sweep_stale
 from tests.conftest import ROOT
 
 KILLED_MID_WRITE = """
 import os, sys
-from pipeline.atomic import atomic_dir, atomic_open
+from pipeline.core.atomic import atomic_dir, atomic_open
 with atomic_dir(sys.argv[1]) as out:
     (out / "part.conll").write_text("half")
     with atomic_open(sys.argv[2]) as fh:

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline.modeling import checkpoint
 
 
 class _Payload:

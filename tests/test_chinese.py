@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.convert import convert_tasks
-from pipeline.labelconfig import parse_label_config
-from pipeline.tags import tags_to_spans
+from pipeline.core.tags import tags_to_spans
+from pipeline.labelstudio.convert import convert_tasks
+from pipeline.labelstudio.labelconfig import parse_label_config
 from scripts.build_msra_export import LABEL_CONFIG, corpus_path, read_sentences, to_task
 
 

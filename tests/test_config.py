@@ -1,4 +1,4 @@
-"""Each stage's params section is typed once (pipeline.config), validated with errors naming section.key."""
+"""Each stage's params section is typed once (pipeline/core/config.py), validated with errors naming section.key."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from pipeline.__main__ import STAGES
-from pipeline.config import ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig
-from pipeline.errors import ParamsError
-from pipeline.train import TrainConfig
+from pipeline.core.config import ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig
+from pipeline.core.errors import ParamsError
+from pipeline.modeling.train import TrainConfig
 from tests.conftest import ROOT
 
 MODELS = [ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig]

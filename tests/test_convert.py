@@ -7,12 +7,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.conll import read_conll, write_conll
-from pipeline.convert import convert_tasks, run, split_of
-from pipeline.errors import ConversionError, TaskError
-from pipeline.labelconfig import parse_label_config
-from pipeline.tags import tags_to_spans
-from pipeline.words import split_words
+from pipeline.core.conll import read_conll, write_conll
+from pipeline.core.errors import ConversionError, TaskError
+from pipeline.core.tags import tags_to_spans
+from pipeline.core.words import split_words
+from pipeline.labelstudio.convert import convert_tasks, run, split_of
+from pipeline.labelstudio.labelconfig import parse_label_config
 
 CONFIG_XML = """<View>
   <Labels name="label" toName="text">
@@ -286,7 +286,7 @@ def test_parallel_ranges_give_the_same_output_as_one_pass(tmp_path, workers, fak
 
 
 def test_a_wrong_guess_of_an_item_start_is_caught(tmp_path):
-    from pipeline.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
+    from pipeline.labelstudio.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
 
     tasks = tricky_export(50, fake_objects=True)
     export, _ = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))

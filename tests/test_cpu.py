@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.cpu import cpu_info, parse_cpuinfo
+from pipeline.core.cpu import cpu_info, parse_cpuinfo
 
 ZEN3 = """processor\t: 0
 vendor_id\t: AuthenticAMD

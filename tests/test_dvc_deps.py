@@ -25,7 +25,8 @@ def test_stage_deps_are_its_import_closure(dvcfile, name, stage):
 
 
 def test_the_closure_follows_lazy_and_package_imports():
-    files = closure([("pipeline.__main__", True), ("pipeline.predict", False)])
-    assert {"pipeline/__init__.py", "pipeline/__main__.py", "pipeline/predict.py", "pipeline/inference.py",
-            "pipeline/viterbi.py", "pipeline/errors.py"} <= files
-    assert "pipeline/train.py" not in files  # __main__ imports it lazily for the train command only
+    files = closure([("pipeline.__main__", True), ("pipeline.stages.predict", False)])
+    assert {"pipeline/__init__.py", "pipeline/__main__.py", "pipeline/stages/__init__.py",
+            "pipeline/stages/predict.py", "pipeline/runtime/inference.py", "pipeline/runtime/viterbi.py",
+            "pipeline/core/errors.py"} <= files
+    assert "pipeline/modeling/train.py" not in files  # __main__ imports it lazily for the train command only

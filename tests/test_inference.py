@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.encoding import Window, plan_windows, window_inputs, word_pieces
-from pipeline.inference import NerRuntime
-from pipeline.words import split_words
+from pipeline.core.encoding import Window, plan_windows, window_inputs, word_pieces
+from pipeline.core.words import split_words
+from pipeline.runtime.inference import NerRuntime
 from tests.conftest import SPECIAL_TEXTS
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_long_document_is_windowed_with_exact_offsets(pipeline_run):
     [pred] = runtime.predict([text])
     for entity in pred.entities:
         assert text[entity.start:entity.end] == entity.text
-    from pipeline.words import split_words
+    from pipeline.core.words import split_words
 
     emissions = runtime.word_emissions([[text[s:e] for s, e in split_words(text)]])[0]
     assert np.all(np.abs(emissions).sum(axis=1) > 0)  # every word got an emission from some window
@@ -53,7 +53,7 @@ def test_long_document_is_windowed_with_exact_offsets(pipeline_run):
 def test_runtime_runs_without_torch(pipeline_run):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "from pipeline.inference import NerRuntime\n"
+        "from pipeline.runtime.inference import NerRuntime\n"
         f"r = NerRuntime({str(pipeline_run.path('onnx_dir'))!r})\n"
         "p = r.predict(['Obama in Paris', '北京'])\n"
         f"q = NerRuntime({str(pipeline_run.path('onnx_dir'))!r}, quantized=True).predict(['Obama in Paris'])\n"
@@ -126,7 +126,7 @@ def test_each_word_of_a_long_text_gets_the_single_pass_of_the_window_that_owns_i
 @pytest.mark.parametrize("text", SPECIAL_TEXTS + ["a\r\nb 😀 c\r\n\r\n北京 👨‍👩‍👧 d", "\ufeff北\u200b京 e\u0301 ok"])
 def test_entity_offsets_are_exact_code_point_slices(pipeline_run, monkeypatch, text):
     """Whatever the model says: force the tags and check the spans it turns into, word by word."""
-    import pipeline.inference as inference
+    import pipeline.runtime.inference as inference
 
     runtime = NerRuntime(pipeline_run.path("onnx_dir"))
     words = split_words(text)
@@ -150,7 +150,7 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     import onnx
     import onnxruntime as ort
 
-    from pipeline.inference import session_options
+    from pipeline.runtime.inference import session_options
 
     folder = pipeline_run.path("onnx_dir")
     assert json.loads((folder / "model_info.json").read_text())["graph_optimized"] is True
@@ -178,8 +178,8 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
 def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_path):
     import onnx
 
-    from pipeline.export import export_onnx, fuse_transformer, quantize_int8
-    from pipeline.model import load_model
+    from pipeline.modeling.export import export_onnx, fuse_transformer, quantize_int8
+    from pipeline.modeling.model import load_model
 
     model, _ = load_model(pipeline_run.path("model_dir"))
     export_onnx(model, tmp_path / "raw.onnx", opset=17)
@@ -200,9 +200,9 @@ def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_p
 
 
 def test_smoothing_rewrite_leaves_the_fp32_function_unchanged(pipeline_run, tmp_path):
-    from pipeline.conll import read_conll
-    from pipeline.export import calibration_feeds, smooth_activations
-    from pipeline.model import load_model
+    from pipeline.core.conll import read_conll
+    from pipeline.modeling.export import calibration_feeds, smooth_activations
+    from pipeline.modeling.model import load_model
 
     folder = pipeline_run.path("onnx_dir")
     model, _ = load_model(pipeline_run.path("model_dir"))
@@ -222,9 +222,9 @@ def test_a_non_default_window_overlap_plans_the_same_windows_in_training_evaluat
     """train.window_overlap travels with the model: the runtime reads it from the exported folder."""
     import shutil
 
-    from pipeline.conll import Sentence
-    from pipeline.data import make_examples
-    from pipeline.model import HeadConfig, load_model, save_model
+    from pipeline.core.conll import Sentence
+    from pipeline.modeling.data import make_examples
+    from pipeline.modeling.model import HeadConfig, load_model, save_model
 
     assert json.loads((pipeline_run.path("onnx_dir") / "model_info.json").read_text())["window_overlap"] == \
         pipeline_run.params["train"]["window_overlap"]

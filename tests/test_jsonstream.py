@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.errors import ConversionError
-from pipeline.jsonstream import iter_json_array
+from pipeline.core.errors import ConversionError
+from pipeline.labelstudio.jsonstream import iter_json_array
 
 
 def write(tmp_path, text):

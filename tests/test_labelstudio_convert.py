@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.labelstudio import LabelStudioClient
+from pipeline.labelstudio.client import LabelStudioClient
 from tests.conftest import ROOT, tool_env
 from tests.test_labelstudio_push import CONFIG_XML
 

@@ -10,12 +10,12 @@ from collections import Counter
 import pytest
 import yaml
 
-from pipeline.errors import LabelConfigMismatch
-from pipeline.inference import Entity, TextPrediction
-from pipeline.labelconfig import read_label_config
-from pipeline.labelstudio import LabelStudioClient
-from pipeline.predict import to_ls_prediction
-from pipeline.push import push
+from pipeline.core.errors import LabelConfigMismatch
+from pipeline.labelstudio.client import LabelStudioClient
+from pipeline.labelstudio.labelconfig import read_label_config
+from pipeline.labelstudio.push import push
+from pipeline.labelstudio.regions import to_ls_prediction
+from pipeline.runtime.inference import Entity, TextPrediction
 from tests.conftest import ROOT, run
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]

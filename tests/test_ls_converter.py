@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from pipeline.convert import convert_tasks, iter_export
-from pipeline.labelconfig import parse_label_config, read_label_config
-from pipeline.ls_converter import convert_items
-from pipeline.tags import tags_to_spans
+from pipeline.core.tags import tags_to_spans
+from pipeline.labelstudio.convert import convert_tasks, iter_export
+from pipeline.labelstudio.labelconfig import parse_label_config, read_label_config
+from pipeline.labelstudio.ls_converter import convert_items
 from tests.conftest import ROOT
 from tests.test_convert import CONFIG_XML, region, task
 
@@ -84,7 +84,7 @@ def test_they_turn_unlabeled_tasks_into_all_o_sentences_we_leave_them_for_predic
 
 
 def test_engine_is_selectable_from_params(tmp_path):
-    from pipeline.convert import main
+    from pipeline.stages.convert import main
 
     params = {"paths": {"export": str(SAMPLE), "label_config": str(SAMPLE_CONFIG), "conll_dir": str(tmp_path / "c"),
                         "convert_report": str(tmp_path / "r.json")},
@@ -105,7 +105,7 @@ LS_POLICIES = dict(scheme="BIO", overlap="longest", annotations="ground_truth_or
 
 
 def ls_run(tmp_path, tasks, **policies):
-    from pipeline.ls_converter import run
+    from pipeline.labelstudio.ls_converter import run
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     export = tmp_path / "export.json.gz"  # gzip too: the engine reads the export with our reader
@@ -118,7 +118,7 @@ def ls_run(tmp_path, tasks, **policies):
 
 
 def test_the_sdk_engine_honours_the_overlap_policy(tmp_path):
-    from pipeline.errors import ConversionError
+    from pipeline.core.errors import ConversionError
 
     t = task(1, "Bank of America Tower", region(0, 15, "ORG", "Bank of America"),
              region(0, 21, "LOC", "Bank of America Tower"))
@@ -130,7 +130,7 @@ def test_the_sdk_engine_honours_the_overlap_policy(tmp_path):
 
 
 def test_the_sdk_engine_honours_the_annotation_and_unknown_label_policies(tmp_path):
-    from pipeline.errors import ConversionError
+    from pipeline.core.errors import ConversionError
 
     t = task(1, "Paris and Obama", region(0, 5, "LOC", "Paris"))
     second = dict(task(1, "Paris and Obama", region(10, 15, "PER", "Obama"))["annotations"][0], id=99,
@@ -150,7 +150,7 @@ def test_the_sdk_engine_honours_the_annotation_and_unknown_label_policies(tmp_pa
 @pytest.mark.parametrize("policy,message", [({"bad_tasks": "skip"}, "convert.bad_tasks"),
                                             ({"scheme": "BIOES"}, "BIO only")])
 def test_the_sdk_engine_refuses_what_it_cannot_follow(tmp_path, policy, message):
-    from pipeline.errors import ConversionError
+    from pipeline.core.errors import ConversionError
 
     with pytest.raises(ConversionError, match=message):
         ls_run(tmp_path, [task(1, "Paris", region(0, 5, "LOC", "Paris"))], **policy)
@@ -163,8 +163,8 @@ def test_the_sdk_engine_refuses_what_it_cannot_follow(tmp_path, policy, message)
     (lambda text: b"[" * 100_000 + b"]" * 100_000, "nests lists or objects too deeply"),
 ])
 def test_the_sdk_engine_refuses_unreadable_exports_in_one_line(tmp_path, data, message):
-    from pipeline.errors import ConversionError
-    from pipeline.ls_converter import run
+    from pipeline.core.errors import ConversionError
+    from pipeline.labelstudio.ls_converter import run
 
     export = tmp_path / "export.json"
     export.write_bytes(data(json.dumps([task(1, "café Paris", region(5, 10, "LOC", "Paris"))], ensure_ascii=False)))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import ModelLoadError
-from pipeline.model import HeadConfig, LengthAwareBiLSTM, build_model, load_encoder_weights
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.core.errors import ModelLoadError
+from pipeline.modeling.model import HeadConfig, LengthAwareBiLSTM, build_model, load_encoder_weights
+from pipeline.modeling.optim import build_optimizer, build_scheduler
 
 
 def test_pretrained_weights_load_into_the_encoder_built_from_config(tiny_encoder):

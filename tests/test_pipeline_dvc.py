@@ -45,8 +45,8 @@ def test_export_is_checked_against_pytorch(pipeline_run):
 def test_saved_model_folder_is_self_contained(pipeline_run, tmp_path):
     import shutil
 
-    from pipeline.evaluate import evaluate
-    from pipeline.conll import read_conll
+    from pipeline.core.conll import read_conll
+    from pipeline.modeling.evaluate import evaluate
 
     moved = tmp_path / "model"
     shutil.copytree(pipeline_run.path("model_dir"), moved)

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.process import ServiceProcess
 from tests.conftest import ROOT
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-serving-key-123"
@@ -45,7 +45,7 @@ def metric(client: httpx.Client, name: str, **labels: str) -> float:
 
 
 def test_ner_api_returns_entities_with_exact_offsets_and_matches_the_runtime(service, pipeline_run):
-    from pipeline.inference import NerRuntime
+    from pipeline.runtime.inference import NerRuntime
 
     texts = ["😀 Barack Obama visited 北京 today", "Apple and Google in New York", ""]
     response = service.post("/v1/ner", json={"texts": texts})
@@ -198,7 +198,7 @@ def batching_svc(pipeline_run, tmp_path_factory):
 
 
 def test_concurrent_requests_are_grouped_into_one_runtime_call_and_routed_back(batching_svc, pipeline_run):
-    from pipeline.inference import NerRuntime
+    from pipeline.runtime.inference import NerRuntime
 
     texts = [f"Barack Obama met {name} in New York" for name in
              ("Angela Merkel", "Apple", "Google", "Paris Hilton", "Lionel Messi", "北京", "😀 Taylor Swift", "Tokyo")]

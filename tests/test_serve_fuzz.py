@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from serve.process import ServiceProcess
 from tests.conftest import ROOT
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 API_KEY = "fuzz-key-456"

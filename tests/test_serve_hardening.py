@@ -24,8 +24,8 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.process import ServiceProcess, free_port
 from tests.conftest import ROOT
+from tests.service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
 API_KEY = "hardening-key-789"

@@ -3,8 +3,8 @@
 import httpx
 import pytest
 
-from serve.process import ServiceProcess
 from tests.conftest import ROOT
+from tests.service_process import ServiceProcess
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 API_KEY = "ml-backend-key-789"

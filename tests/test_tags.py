@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.tags import (
+from pipeline.core.tags import (
     allowed_transitions,
     close_window_edges,
     first_violation,

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from pipeline.conll import Sentence
-from pipeline.data import make_examples
-from pipeline.encoding import load_tokenizer
-from pipeline.errors import DataError, ParamsError
-from pipeline.model import FORBIDDEN_SCORE, HeadConfig, build_model
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.tags import allowed_transitions, first_violation, tag_names
-from pipeline.train import TrainConfig, autocast_dtype, check_tag_sequences, cpu_bf16_lstm_works, train
+from pipeline.core.conll import Sentence
+from pipeline.core.encoding import load_tokenizer
+from pipeline.core.errors import DataError, ParamsError
+from pipeline.core.tags import allowed_transitions, first_violation, tag_names
+from pipeline.modeling.data import make_examples
+from pipeline.modeling.model import FORBIDDEN_SCORE, HeadConfig, build_model
+from pipeline.modeling.optim import build_optimizer, build_scheduler
+from pipeline.modeling.train import TrainConfig, autocast_dtype, check_tag_sequences, cpu_bf16_lstm_works, train
 from tests.conftest import make_train_project
 
 TAGS = tag_names(["PER", "LOC"], "BIO")
@@ -190,7 +190,7 @@ def test_lr_find_writes_a_plot_and_a_suggestion_below_where_the_loss_explodes(tm
 
 def test_rates_written_as_dvc_overrides_are_read_as_numbers(tmp_path):
     # `dvc exp run -S train.lr_head=5e-5` writes `lr_head: 5e-5`, which YAML reads as a string.
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     (tmp_path / "params.yaml").write_text("train:\n  lr_head: 5e-5\n  lr_crf: 1e-1\n  warmup: 0\n  epochs: '3'\n")
     config = TrainConfig.from_params(load_params(tmp_path / "params.yaml")["train"])

@@ -58,7 +58,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_encoder):
 @pytest.mark.parametrize("size", [1, 2, 3])
 @pytest.mark.parametrize("batch", [[5], [1, 2], [3, 4, 5, 6, 7]])
 def test_ranks_split_each_batch_and_weigh_it_to_the_global_mean(size, batch):
-    from pipeline.distributed import World
+    from pipeline.modeling.distributed import World
 
     shards = [World(rank, size, torch.device("cpu")).shard(batch) for rank in range(size)]
     real = [(mine, w) for mine, w in shards if w]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchcrf import CRF
 
-from pipeline.viterbi import CrfParams, marginals, viterbi_decode
+from pipeline.runtime.viterbi import CrfParams, marginals, viterbi_decode
 
 
 def random_crf(num_tags: int, seed: int) -> tuple[CRF, CrfParams]:

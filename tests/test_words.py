@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.words import split_at, split_words
+from pipeline.core.words import split_at, split_words
 
 
 def texts_of(text: str) -> list[str]:
@@ -61,6 +61,6 @@ def test_words_are_exact_non_overlapping_slices(text):
 
 @given(st.text(alphabet=st.characters(max_codepoint=127), max_size=200))
 def test_ascii_fast_path_equals_the_unicode_rules(text):
-    from pipeline.words import _WORD
+    from pipeline.core.words import _WORD
 
     assert split_words(text) == [m.span() for m in _WORD.finditer(text)]

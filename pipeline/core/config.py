@@ -1,0 +1,121 @@
+"""One typed config per ``params.yaml`` section: names, types, allowed values and defaults, declared once.
+
+``params.yaml`` shows the values; these models say what each key may be. ``main()`` of a stage validates
+its own section (and no other stage's) with ``XConfig.from_params(params)``; a wrong key, type or value is a
+``ParamsError`` naming ``section.key``. Values typed on the command line (``dvc exp run -S
+export.int8_smooth=5e-1`` arrives as a YAML string) are coerced where a number is expected. Torch-free.
+(``train`` has its own dataclass, ``pipeline.train.TrainConfig``, validated the same way.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+
+from pipeline.core.errors import ParamsError
+
+#: The three MatMuls most sensitive to per-tensor int8 activations (see README, ONNX int8).
+INT8_SENSITIVE = ("/encoder/layer.0/intermediate/dense/", "/encoder/layer.0/output/dense/",
+                  "/encoder/layer.1/output/dense/")
+
+
+def validation_problems(exc: ValidationError, section: str) -> str:
+    """``section.key: what is wrong (got value)``, one per problem, joined by "; "."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in (section, *error["loc"]))
+        got = "" if error["type"] == "missing" else f" (got {error['input']!r})"
+        problems.append(f"{key}: {error['msg']}{got}")
+    return "; ".join(problems)
+
+
+class SectionConfig(BaseModel):
+    """A ``params.yaml`` section: unknown keys are errors, values are read-only once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    section: ClassVar[str]
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]):
+        values = params.get(cls.section)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ParamsError(f"params: section {cls.section!r} must be a mapping, got {type(values).__name__}")
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ParamsError(validation_problems(exc, cls.section)) from None
+
+
+class SplitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: Literal["text", "task_id"] = "text"  # text: duplicate texts stay on one side
+    dev: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+
+class ConvertConfig(SectionConfig):
+    section: ClassVar[str] = "convert"
+
+    engine: Literal["exact", "ls-converter"] = "exact"
+    scheme: Literal["BIO", "BIOES"] = "BIO"
+    workers: NonNegativeInt = 0  # processes for large exports (0: one per core)
+    overlap: Literal["longest", "error"] = "longest"
+    annotations: Literal["ground_truth_or_latest", "all"] = "ground_truth_or_latest"
+    unknown_label: Literal["error", "ignore"] = "error"
+    bad_tasks: Literal["error", "skip"] = "error"
+    split: SplitConfig = SplitConfig()
+
+    def policies(self) -> dict[str, Any]:
+        """Keyword arguments of both engines' ``run``."""
+        return dict(scheme=self.scheme, overlap=self.overlap, annotations=self.annotations,
+                    unknown_label=self.unknown_label, bad_tasks=self.bad_tasks, split_key=self.split.key,
+                    dev=self.split.dev, test=self.split.test)
+
+
+class EvaluateConfig(SectionConfig):
+    section: ClassVar[str] = "evaluate"
+
+    batch_size: PositiveInt = 64
+
+
+class ExportConfig(SectionConfig):
+    section: ClassVar[str] = "export"
+
+    opset: PositiveInt = 17
+    max_abs_diff: float = Field(1e-4, gt=0)  # parity tolerance vs PyTorch emissions
+    fuse: bool = True
+    quantize: bool = True
+    int8_blockwise: tuple[str, ...] = INT8_SENSITIVE
+    int8_block_size: PositiveInt = 128
+    int8_embeddings: bool = False
+    int8_smooth: float = Field(0.8, ge=0, le=1)
+    int8_calibration: PositiveInt = 256
+    int8_float: tuple[str, ...] = ()
+    threads: NonNegativeInt = 0  # ORT intra-op threads for the parity and int8 checks (0: one per physical core)
+
+
+class PredictConfig(SectionConfig):
+    section: ClassVar[str] = "predict"
+
+    tasks: Literal["unlabeled", "all"] = "unlabeled"
+    quantized: bool = False
+    batch_size: PositiveInt = 32
+    threads: NonNegativeInt = 0
+    max_tokens: PositiveInt = 512
+    model_version: str = ""  # "": derived from the exported model's hash
+
+
+class PushConfig(SectionConfig):
+    section: ClassVar[str] = "push"
+
+    project: PositiveInt | None = None
+    mode: Literal["attach", "import"] = "attach"
+    match: Literal["text", "id"] = "text"
+    label_map: dict[str, str] = {}
+    batch_size: PositiveInt = 100
+    retries: NonNegativeInt = 5
+    backoff: float = Field(0.5, ge=0)

@@ -1,0 +1,203 @@
+"""The one inference runtime: text -> entities with character offsets and scores.
+
+Used by ``predict``, ``serve/`` and the benchmarks. Needs onnxruntime,
+tokenizers and numpy; never torch. Steps: split words (same splitter as
+training), encode, window long texts, run the ONNX emission graph on
+length-sorted dynamic batches, Viterbi-decode in numpy, turn tags into spans
+with exact character offsets, score them with CRF marginals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.core.cpu import cpu_info, describe
+from pipeline.core.encoding import (
+    DEFAULT_WINDOW_OVERLAP,
+    Window,
+    load_tokenizer,
+    plan_windows,
+    window_inputs,
+    word_pieces,
+)
+from pipeline.core.errors import ModelLoadError
+from pipeline.core.tags import tags_to_spans
+from pipeline.core.words import split_words
+from pipeline.runtime.viterbi import CrfParams, marginals, viterbi_decode
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+QUANTIZED_FILE = "model.int8.onnx"
+CRF_FILE = "crf.json"
+INFO_FILE = "model_info.json"
+# Export saves both graphs optimized at this level (portable: no hardware-specific layouts), and the runtime
+# loads such files with optimizations off, so nothing is rebuilt at load and the served graph is the one
+# export checked. Folders exported before this (no ``graph_optimized`` in model_info.json) are optimized at load.
+OPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+@dataclass(frozen=True)
+class Entity:
+    start: int
+    end: int
+    text: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class TextPrediction:
+    entities: list[Entity]
+    score: float  # probability of the whole decoded tag sequence: low means "look at this task first"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entities": [asdict(e) for e in self.entities], "score": self.score}
+
+
+@dataclass
+class EncodedWindow:
+    """One encoder window of one text, waiting for its batch."""
+
+    text_index: int
+    window: Window
+    input_ids: list[int]
+    word_index: list[int]
+
+
+class NerRuntime:
+    """An exported model folder loaded for inference."""
+
+    def __init__(self, model_dir: str | Path, *, quantized: bool = False, threads: int = 0,
+                 max_tokens: int = 512, batch_size: int = 32) -> None:
+        self.model_dir = Path(model_dir)
+        onnx_path = self.model_dir / (QUANTIZED_FILE if quantized else MODEL_FILE)
+        for path in (onnx_path, self.model_dir / CRF_FILE, self.model_dir / INFO_FILE):
+            if not path.is_file():
+                raise ModelLoadError(f"{path} not found; run the export stage first")
+        crf = json.loads((self.model_dir / CRF_FILE).read_text())
+        self.crf = CrfParams.from_dict(crf)
+        self.tags: list[str] = crf["tags"]
+        self.info: dict[str, Any] = json.loads((self.model_dir / INFO_FILE).read_text())
+        self.entity_types: list[str] = self.info["entity_types"]
+        self.model_version: str = self.info["model_version"] + ("-int8" if quantized else "")
+        self.tokenizer, self.specials = load_tokenizer(self.model_dir)
+        self.max_tokens = min(max_tokens, int(self.info.get("max_length", 512))) - 2
+        self.window_overlap = float(self.info.get("window_overlap", DEFAULT_WINDOW_OVERLAP))  # as trained
+        self.batch_size = batch_size
+        self.onnx_path = onnx_path
+        options = session_options(threads, optimized=bool(self.info.get("graph_optimized")))
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        if quantized and not cpu_info()["vnni"]:
+            log.warning("int8 graph on a CPU without VNNI (%s): ONNX Runtime's u8s8 kernels saturate here, so "
+                        "expect ~1.2x fp32 speed and a larger emission error than on VNNI CPUs", describe())
+
+    def predict(self, texts: list[str]) -> list[TextPrediction]:
+        """Entities for each text, in input order."""
+        words = [split_words(t) for t in texts]
+        emissions = self.word_emissions([[t[s:e] for s, e in w] for t, w in zip(texts, words)])
+        out: list[TextPrediction | None] = [TextPrediction([], 1.0) if not w else None for w in words]
+        for idx, paths, best, probs, log_z in self._decode_batches(emissions):
+            for row, i in enumerate(idx):
+                out[i] = self._prediction(texts[i], words[i], paths[row], float(best[row]), probs[row],
+                                          float(log_z[row]))
+        return out  # type: ignore[return-value]
+
+    def tag_words(self, words: list[list[str]]) -> list[list[str]]:
+        """Tags for texts already cut into words (evaluation on CoNLL files)."""
+        return self.decode_tags(self.word_emissions(words))
+
+    def decode_tags(self, emissions: list[np.ndarray]) -> list[list[str]]:
+        """Viterbi tags of ``word_emissions`` output, for callers that also need the emissions."""
+        out: list[list[str]] = [[] for _ in emissions]
+        for idx, paths, *_ in self._decode_batches(emissions, with_marginals=False):
+            for row, i in enumerate(idx):
+                out[i] = [self.tags[t] for t in paths[row]]
+        return out
+
+    def _decode_batches(self, emissions: list[np.ndarray], with_marginals: bool = True):
+        """Viterbi (and marginals) over length-sorted, padded batches: numpy per batch, not per text."""
+        order = sorted((i for i, em in enumerate(emissions) if len(em)), key=lambda i: len(emissions[i]))
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            width = len(emissions[idx[-1]])
+            em = np.zeros((len(idx), width, len(self.tags)), dtype=np.float32)
+            mask = np.zeros((len(idx), width), dtype=bool)
+            for row, i in enumerate(idx):
+                em[row, :len(emissions[i])] = emissions[i]
+                mask[row, :len(emissions[i])] = True
+            paths, best = viterbi_decode(em, mask, self.crf)
+            probs, log_z = marginals(em, mask, self.crf) if with_marginals else (None, None)
+            yield idx, paths, best, probs, log_z
+
+    def word_emissions(self, words: list[list[str]]) -> list[np.ndarray]:
+        """Per-word emissions; long texts are windowed, each word read where it is most central."""
+        jobs = self.encode(words)
+        emissions = [np.zeros((len(ws), len(self.tags)), dtype=np.float32) for ws in words]
+        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j].input_ids))
+        for lo in range(0, len(order), self.batch_size):
+            batch = [jobs[j] for j in order[lo:lo + self.batch_size]]
+            for job, em in zip(batch, self._run(batch)):
+                w = job.window
+                emissions[job.text_index][w.own_lo:w.own_hi] = em[w.own_lo - w.lo:w.own_hi - w.lo]
+        return emissions
+
+    def encode(self, words: list[list[str]]) -> list[EncodedWindow]:
+        """The encoder windows of each text: ``[CLS] sub-tokens [SEP]``, at most ``max_tokens`` long."""
+        jobs: list[EncodedWindow] = []
+        for i, ws in enumerate(words):
+            pieces = word_pieces(self.tokenizer, self.specials, ws, self.max_tokens)
+            for window in plan_windows([len(p) for p in pieces], self.max_tokens, self.window_overlap):
+                ids, first = window_inputs(pieces, window, self.specials)
+                jobs.append(EncodedWindow(i, window, ids, first))
+        return jobs
+
+    def emissions(self, input_ids: np.ndarray, attention_mask: np.ndarray, word_index: np.ndarray,
+                  word_mask: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                       "word_index": word_index, "word_mask": word_mask})[0]
+
+    def _run(self, batch: list[EncodedWindow]) -> list[np.ndarray]:
+        seq = max(len(p.input_ids) for p in batch)
+        n_words = max(len(p.word_index) for p in batch)
+        input_ids = np.full((len(batch), seq), self.specials.pad, dtype=np.int64)
+        attention = np.zeros((len(batch), seq), dtype=np.int64)
+        word_index = np.zeros((len(batch), n_words), dtype=np.int64)
+        word_mask = np.zeros((len(batch), n_words), dtype=np.int64)
+        for i, p in enumerate(batch):
+            input_ids[i, :len(p.input_ids)] = p.input_ids
+            attention[i, :len(p.input_ids)] = 1
+            word_index[i, :len(p.word_index)] = p.word_index
+            word_mask[i, :len(p.word_index)] = 1
+        out = self.emissions(input_ids, attention, word_index, word_mask)
+        return [out[i, :len(p.word_index)] for i, p in enumerate(batch)]
+
+    def _prediction(self, text: str, words: list[tuple[int, int]], path: list[int], best: float,
+                    probs: np.ndarray, log_z: float) -> TextPrediction:
+        tags = [self.tags[t] for t in path]
+        entities = []
+        for first, last, label in tags_to_spans(tags):
+            start, end = words[first][0], words[last - 1][1]
+            score = float(np.mean([probs[i, path[i]] for i in range(first, last)]))
+            entities.append(Entity(start, end, text[start:end], label, round(score, 6)))
+        sequence_prob = float(np.exp(min(0.0, best - log_z)))
+        return TextPrediction(entities, round(sequence_prob, 6))

@@ -1,0 +1,44 @@
+"""The push command and DVC stage: data/predictions/tasks.json into a Label Studio project.
+
+``main()`` reads its params once and calls the layers with plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import PushConfig
+from pipeline.core.errors import (
+    LabelStudioConfigError,
+    LabelStudioError,
+    ParamsError,
+    PipelineError,
+)
+from pipeline.labelstudio.client import LabelStudioClient
+from pipeline.labelstudio.push import push
+
+log = logging.getLogger(__name__)
+
+
+def main(params: dict[str, Any], project: int | None = None) -> None:
+    paths, conf = params["paths"], PushConfig.from_params(params)
+    project_id = project if project is not None else conf.project
+    if project_id is None:
+        raise ParamsError("no Label Studio project: pass --project ID or set push.project in params.yaml")
+    path = Path(paths["predictions"])
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run `dvc repro` (predict stage) first")
+    tasks = json.loads(path.read_text(encoding="utf-8"))
+    client = LabelStudioClient.from_env(retries=conf.retries, backoff=conf.backoff)
+    try:
+        summary = push(client, int(project_id), tasks, match=conf.match, mode=conf.mode, label_map=conf.label_map,
+                       batch_size=conf.batch_size, state_path=paths.get("push_state"))
+    except LabelStudioConfigError:
+        raise  # wrong URL or key: said once, nothing to continue
+    except LabelStudioError as exc:
+        raise LabelStudioError(f"{exc}. What was sent is on record; run push again to continue.") from None
+    if summary.failed:
+        raise PipelineError(f"{len(summary.failed)} tasks could not be pushed (see the log above)")

@@ -1,0 +1,72 @@
+"""The layers are folders, and their boundaries hold: the runtime and the service never import torch.
+
+Read from the source (module- and function-level imports; ``if TYPE_CHECKING:`` blocks do not run and are
+skipped), so a lazy import inside a function cannot slip past. What each layer may not import:
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+TORCH = ("torch", "torchcrf", "transformers", "dvclive", "accelerate")
+FORBIDDEN = {
+    "pipeline/core": (*TORCH, "pipeline.labelstudio", "pipeline.runtime", "pipeline.modeling", "pipeline.stages",
+                      "serve"),
+    "pipeline/runtime": (*TORCH, "pipeline.labelstudio", "pipeline.modeling", "pipeline.stages", "serve"),
+    "pipeline/labelstudio": (*TORCH, "pipeline.runtime", "pipeline.modeling", "pipeline.stages", "serve"),
+    "pipeline/modeling": ("pipeline.labelstudio", "pipeline.stages", "serve"),
+    "pipeline/stages": ("serve",),
+    "serve": (*TORCH, "pipeline.modeling", "pipeline.stages"),
+}
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports when it runs (not under ``if TYPE_CHECKING:``)."""
+    found: set[str] = set()
+
+    def walk(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.orelse:
+                walk(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        for child in ast.iter_child_nodes(node):
+            walk(child)
+
+    walk(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def violations(folder: str) -> list[str]:
+    banned = FORBIDDEN[folder]
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for module in sorted(runtime_imports(path)):
+            if any(module == b or module.startswith(b + ".") for b in banned):
+                out.append(f"{path.relative_to(ROOT)} imports {module}")
+    return out
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_layer_imports_stay_inside_its_boundary(folder):
+    assert not violations(folder)
+
+
+def test_every_module_of_the_package_sits_in_a_layer():
+    loose = sorted(p.name for p in (ROOT / "pipeline").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert not loose, f"modules outside a layer folder: {loose}"
+
+
+def test_the_check_sees_lazy_imports_and_skips_type_checking_blocks(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+                      "def f():\n    from pipeline.modeling import model\n")
+    assert runtime_imports(source) == {"typing", "pipeline.modeling"}
