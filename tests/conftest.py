@@ -149,3 +149,30 @@ def label_studio(tmp_path_factory):
     ensure_label_studio_venv()
     with LabelStudioServer(tmp_path_factory.mktemp("label-studio")) as server:
         yield server
+
+
+#: The only tag path a forced model allows: every word is part of an entity, in pairs of three types.
+FORCED_CYCLE = ["B-person", "I-person", "B-geo-loc", "I-geo-loc", "B-company", "I-company"]
+FORCED_VERSION = "forced-word-pairs"
+
+
+@pytest.fixture(scope="session")
+def forced_onnx(pipeline_run, tmp_path_factory) -> Path:
+    """The pipeline's exported model with a CRF that allows only the FORCED_CYCLE path.
+
+    The tiny test model predicts no entity at all, so a check over its entities loops over nothing. This copy
+    runs the same graph, words, windows and span building, and puts an entity on every word (after emoji,
+    across ZWJ sequences and CRLF, over CJK characters), so offset checks have something to check.
+    """
+    model = tmp_path_factory.mktemp("forced-model") / "onnx"
+    shutil.copytree(pipeline_run.path("onnx_dir"), model)
+    crf = json.loads((model / "crf.json").read_text())
+    tags, blocked = crf["tags"], -10000.0
+    follows = {a: FORCED_CYCLE[(i + 1) % len(FORCED_CYCLE)] for i, a in enumerate(FORCED_CYCLE)}
+    crf["start_transitions"] = [0.0 if t == FORCED_CYCLE[0] else blocked for t in tags]
+    crf["end_transitions"] = [0.0] * len(tags)
+    crf["transitions"] = [[0.0 if follows.get(a) == b else blocked for b in tags] for a in tags]
+    (model / "crf.json").write_text(json.dumps(crf))
+    info = json.loads((model / "model_info.json").read_text())
+    (model / "model_info.json").write_text(json.dumps({**info, "model_version": FORCED_VERSION}))
+    return model

@@ -13,9 +13,7 @@ predictions Label Studio fetches itself from the service as its ML backend.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import httpx
@@ -26,7 +24,7 @@ from pipeline.labelstudio.labelconfig import read_label_config
 from pipeline.labelstudio.push import push
 from pipeline.labelstudio.regions import to_ls_prediction
 from pipeline.runtime.inference import Entity, TextPrediction
-from tests.conftest import ROOT
+from tests.conftest import FORCED_VERSION, ROOT
 from tests.service_process import ServiceProcess
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
@@ -63,7 +61,6 @@ BACKEND_TEXTS = [text for text, _ in PUSHED] + ["Hello\r\nWorld again\r\n\r\nTok
 #: replaced by one that allows a single path: word pairs cycling through three labels (B I B I ...), so the
 #: service's own word splitting and span building produce many entities: after emoji, across ZWJ sequences,
 #: across CRLF, one per two CJK characters.
-FORCED_CYCLE = ["B-person", "I-person", "B-geo-loc", "I-geo-loc", "B-company", "I-company"]
 NO_SPACE = str.maketrans("", "", " \r\n")
 
 
@@ -183,27 +180,9 @@ def test_utf16_offsets_render_shifted(label_studio, labeling_ui):
 
 
 @pytest.fixture(scope="module")
-def forced_model(pipeline_run, tmp_path_factory) -> Path:
-    """The pipeline's exported model with a CRF that allows only the FORCED_CYCLE path."""
-    model = tmp_path_factory.mktemp("forced-model") / "onnx"
-    shutil.copytree(pipeline_run.path("onnx_dir"), model)
-    crf = json.loads((model / "crf.json").read_text())
-    tags, blocked = crf["tags"], -10000.0
-    follows = {a: FORCED_CYCLE[(i + 1) % len(FORCED_CYCLE)] for i, a in enumerate(FORCED_CYCLE)}
-    crf["start_transitions"] = [0.0 if t == FORCED_CYCLE[0] else blocked for t in tags]
-    crf["end_transitions"] = [0.0] * len(tags)
-    crf["transitions"] = [[0.0 if follows.get(a) == b else blocked for b in tags] for a in tags]
-    (model / "crf.json").write_text(json.dumps(crf))
-    info = json.loads((model / "model_info.json").read_text())
-    info["model_version"] = "forced-word-pairs"
-    (model / "model_info.json").write_text(json.dumps(info))
-    return model
-
-
-@pytest.fixture(scope="module")
-def backend(forced_model, tmp_path_factory):
+def backend(forced_onnx, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-ui") / "serve.log"
-    with ServiceProcess(forced_model, log, env={"NER_API_KEY": API_KEY}) as proc:
+    with ServiceProcess(forced_onnx, log, env={"NER_API_KEY": API_KEY}) as proc:
         yield proc
 
 
@@ -231,7 +210,7 @@ def test_ml_backend_predictions_highlight_exactly_the_predicted_entities(label_s
         predictions = ls.predictions.list(task=ids[text])
         assert predictions, f"no prediction stored for {text!r}\n{label_studio.log_tail()}"
         prediction = predictions[0]
-        assert {p.model_version for p in predictions} == {"forced-word-pairs"}, label_studio.log_tail()
+        assert {p.model_version for p in predictions} == {FORCED_VERSION}, label_studio.log_tail()
         assert all(p.result == prediction.result for p in predictions), [p.result for p in predictions]
         # what Label Studio stored is what the service says for the text
         assert sorted((r["value"]["start"], r["value"]["end"], r["value"]["text"]) for r in prediction.result) \

@@ -21,9 +21,9 @@ MAX_BODY = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def svc(pipeline_run, tmp_path_factory):
+def svc(forced_onnx, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with ServiceProcess(pipeline_run.path("onnx_dir"), log,
+    with ServiceProcess(forced_onnx, log,
                         env={"NER_API_KEY": API_KEY, "NER_MAX_BODY_BYTES": str(MAX_BODY)}) as proc:
         yield proc
 
@@ -44,15 +44,16 @@ def metric(client: httpx.Client, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_ner_api_returns_entities_with_exact_offsets_and_matches_the_runtime(service, pipeline_run):
+def test_ner_api_returns_entities_with_exact_offsets_and_matches_the_runtime(service, forced_onnx):
     from pipeline.runtime.inference import NerRuntime
 
     texts = ["😀 Barack Obama visited 北京 today", "Apple and Google in New York", ""]
     response = service.post("/v1/ner", json={"texts": texts})
     assert response.status_code == 200
     body = response.json()
-    direct = NerRuntime(pipeline_run.path("onnx_dir")).predict(texts)
+    direct = NerRuntime(forced_onnx).predict(texts)
     assert body["results"] == [p.to_dict() for p in direct]
+    assert all(r["entities"] for t, r in zip(texts, body["results"]) if t)  # the forced model tags every word
     for text, result in zip(texts, body["results"]):
         for entity in result["entities"]:
             assert text[entity["start"]:entity["end"]] == entity["text"]
@@ -69,6 +70,7 @@ def test_label_studio_predict_protocol(service, pipeline_run):
     assert len(results) == 2
     for task, result in zip(tasks, results):
         assert result["model_version"] == setup.json()["model_version"]
+        assert result["result"]  # the forced model tags every word: the offsets below are really checked
         for region in result["result"]:
             assert region["from_name"] == "label" and region["to_name"] == "text"
             assert task["data"]["text"][region["value"]["start"]:region["value"]["end"]] == region["value"]["text"]
