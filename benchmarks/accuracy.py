@@ -45,8 +45,9 @@ from torchcrf import CRF
 from pipeline.core.atomic import write_json
 from pipeline.core.conll import Sentence, read_conll
 from pipeline.core.cpu import cpu_info
+from pipeline.core.metrics import score
 from pipeline.core.params import load_params
-from pipeline.modeling.evaluate import evaluate, score
+from pipeline.modeling.evaluate import evaluate
 from pipeline.modeling.model import LengthAwareBiLSTM
 from pipeline.modeling.optim import build_optimizer
 from pipeline.modeling.train import TrainConfig, seed_everything, train

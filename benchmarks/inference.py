@@ -61,9 +61,9 @@ from transformers import BertConfig
 from pipeline.core.atomic import write_json
 from pipeline.core.conll import read_conll
 from pipeline.core.cpu import cpu_info
+from pipeline.core.metrics import score
 from pipeline.core.params import load_params
 from pipeline.core.words import split_words
-from pipeline.modeling.evaluate import score
 from pipeline.modeling.model import ENCODER_CONFIG, HEAD_CONFIG, load_model
 from pipeline.runtime.inference import NerRuntime
 

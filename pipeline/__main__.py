@@ -31,6 +31,31 @@ STAGES = {
 
 log = logging.getLogger("pipeline")
 
+#: Flags that point one run of a stage at other files: (flag, ``paths`` key, what it is). Each defaults to the
+#: params file's ``paths.<key>``, so ad-hoc use needs no edit of params.yaml.
+PATH_FLAGS = {
+    "convert": [("--export", "export", "Label Studio JSON export to convert"),
+                ("--label-config", "label_config", "the project's labeling config (XML)"),
+                ("--out", "conll_dir", "folder for train/dev/test.conll and labels.json"),
+                ("--report", "convert_report", "conversion report (JSON)")],
+    "evaluate": [("--model", "model_dir", "trained model folder"),
+                 ("--out", "eval_metrics", "metrics file (JSON)")],
+    "predict": [("--model", "onnx_dir", "exported model folder"),
+                ("--tasks", "export", "Label Studio JSON of the tasks to pre-annotate"),
+                ("--label-config", "label_config", "the project's labeling config (XML)"),
+                ("--out", "predictions", "Label Studio import file to write")],
+}
+
+
+def with_paths(params: dict, args: argparse.Namespace) -> dict:
+    """``params`` with the ``paths`` entries that this command's flags override."""
+    paths = dict(params.get("paths") or {})
+    for flag, key, _ in PATH_FLAGS.get(args.command, []):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            paths[key] = value
+    return {**params, "paths": paths}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
@@ -39,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
         p = sub.add_parser(name, help=f"run the {name} stage")
+        for flag, key, what in PATH_FLAGS.get(name, []):
+            p.add_argument(flag, metavar="PATH", help=f"{what} (default: paths.{key} in the params file)")
+        if name == "evaluate":
+            p.add_argument("--data", metavar="PATH",
+                           help="CoNLL file to score (default: test.conll in paths.conll_dir)")
         if name == "push":
             p.add_argument("--project", type=int, help="Label Studio project id (default: params push.project)")
         if name == "convert":
@@ -64,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        params = load_params(args.params)
+        params = with_paths(load_params(args.params), args)
         if args.command == "fetch-encoder":
             from pipeline.stages.fetch_encoder import fetch_encoder
 
@@ -81,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages import lr_find
 
             lr_find.main(params, start=args.start, end=args.end, steps=args.steps)
+        elif args.command == "evaluate":
+            from pipeline.stages import evaluate
+
+            evaluate.main(params, data=args.data)
         elif args.command == "push":
             from pipeline.stages import push
 

@@ -134,3 +134,46 @@ def test_broken_tasks_under_bad_tasks_error_and_renamed_controls_stop_in_one_lin
     [line] = error_lines(proc.stderr)
     assert message in line, line
     assert previous_outputs_untouched(tmp_path)
+
+
+def test_convert_takes_its_files_from_flags_without_editing_params(tmp_path):
+    project(tmp_path, json.dumps([GOOD_TASK]).encode())  # params.yaml points at data/: left as it is
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "my.json").write_text(json.dumps([GOOD_TASK, dict(GOOD_TASK, id=2)]), encoding="utf-8")
+    (other / "config.xml").write_text(CONFIG, encoding="utf-8")
+    proc = run_cli("convert", "--export", "elsewhere/my.json", "--label-config", "elsewhere/config.xml",
+                   "--out", "elsewhere/conll", "--report", "elsewhere/report.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (other / "conll" / "labels.json").is_file()
+    assert json.loads((other / "report.json").read_text())["counts"]["tasks"] == 2
+    assert (tmp_path / "data" / "conll" / "train.conll").read_text() == "previous\n"  # params paths untouched
+    assert (tmp_path / "reports" / "convert.json").read_text() == "{}\n"
+    helped = run_cli("convert", "--help", cwd=tmp_path).stdout
+    assert "--export PATH" in helped and "paths.export" in " ".join(helped.split())
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_take_their_files_from_flags(pipeline_run, tmp_path):
+    import shutil
+
+    root = tmp_path / "project"  # a copy: evaluate's plots and error list still go to the params paths
+    shutil.copytree(pipeline_run.root, root, symlinks=True)
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"id": 7, "data": {"text": "Barack Obama in Paris"}}]), encoding="utf-8")
+    proc = run_cli("predict", "--model", str(pipeline_run.path("onnx_dir")), "--tasks", str(tasks),
+                   "--out", str(tmp_path / "out.json"), cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    [task] = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert task["id"] == 7 and task["predictions"][0]["model_version"]
+
+    dev = pipeline_run.path("conll_dir") / "dev.conll"
+    proc = run_cli("evaluate", "--model", str(pipeline_run.path("model_dir")), "--data", str(dev),
+                   "--out", str(tmp_path / "dev.json"), cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    scored = json.loads((tmp_path / "dev.json").read_text())["test"]["sentences"]
+    assert scored == dev.read_text(encoding="utf-8").count("# task_id")
+
+    missing = run_cli("evaluate", "--data", str(tmp_path / "nope.conll"), cwd=root)
+    assert missing.returncode == 2 and "nope.conll: CoNLL file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr

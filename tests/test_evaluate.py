@@ -1,7 +1,7 @@
 """What evaluate reports beyond F1: strict figures, the entity confusion rows and the error list."""
 
 from pipeline.core.conll import Sentence
-from pipeline.modeling.evaluate import entity_errors, score
+from pipeline.core.metrics import entity_errors, score
 
 
 def sentence(task_id, text, tags):

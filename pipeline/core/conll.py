@@ -82,6 +82,8 @@ def read_conll(path: str | Path) -> Iterator[Sentence]:
             text = " ".join(pieces)
         return Sentence(str(sid), text, words, [r[1] for r in rows])
 
+    if not path.is_file():
+        raise ConversionError(f"{path}: CoNLL file not found")
     with path.open(encoding="utf-8") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.rstrip("\r\n")

@@ -45,8 +45,8 @@ from pipeline.core.conll import Sentence, read_conll
 from pipeline.core.cpu import describe
 from pipeline.core.encoding import load_tokenizer
 from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import score
 from pipeline.modeling.data import collate, make_examples
-from pipeline.modeling.evaluate import score
 from pipeline.modeling.model import LABELS, BertBiLstmCrf, load_model
 from pipeline.runtime.inference import CRF_FILE, INFO_FILE, MODEL_FILE, OPTIMIZED_LEVEL, QUANTIZED_FILE, NerRuntime
 from pipeline.runtime.viterbi import viterbi_decode

@@ -25,11 +25,12 @@ from pipeline.core.atomic import atomic_dir
 from pipeline.core.conll import Sentence, read_conll
 from pipeline.core.encoding import DEFAULT_WINDOW_OVERLAP, SpecialIds, special_ids
 from pipeline.core.errors import DataError, ParamsError, PipelineError
+from pipeline.core.metrics import score
 from pipeline.core.tags import allowed_transitions, first_violation
 from pipeline.modeling import checkpoint, distributed
 from pipeline.modeling.data import Example, bucket_batches, collate, make_examples
 from pipeline.modeling.distributed import World
-from pipeline.modeling.evaluate import predict_tags, score
+from pipeline.modeling.evaluate import predict_tags
 from pipeline.modeling.model import BertBiLstmCrf, HeadConfig, build_model, save_model
 from pipeline.modeling.optim import build_optimizer, build_scheduler
 

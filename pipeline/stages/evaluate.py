@@ -14,14 +14,16 @@ from typing import Any
 from pipeline.core.atomic import atomic_open, write_json
 from pipeline.core.config import EvaluateConfig
 from pipeline.core.conll import read_conll
-from pipeline.modeling.evaluate import entity_errors, predict_sentences, score
+from pipeline.core.metrics import entity_errors, score
+from pipeline.modeling.evaluate import predict_sentences
 
 log = logging.getLogger(__name__)
 
 
-def main(params: dict[str, Any]) -> None:
+def main(params: dict[str, Any], data: str | Path | None = None) -> None:
+    """Score the model on ``data`` (a CoNLL file; default: the test split) and write metrics, plots, errors."""
     paths, conf = params["paths"], EvaluateConfig.from_params(params)
-    sentences = list(read_conll(Path(paths["conll_dir"]) / "test.conll"))
+    sentences = list(read_conll(Path(data) if data else Path(paths["conll_dir"]) / "test.conll"))
     pred, labels = predict_sentences(paths["model_dir"], sentences, conf.batch_size)
     metrics = score([s.tags for s in sentences], pred, labels["scheme"])
     confusion, errors = entity_errors(sentences, pred)
