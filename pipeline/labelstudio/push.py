@@ -194,8 +194,9 @@ def _import(client: LabelStudioClient, project_id: int, tasks: list[dict[str, An
             bar.update(len(batch))
             todo = []
             for task in batch:
-                seen[key_of(task)] += 1
-                if seen[key_of(task)] > present[key_of(task)]:
+                key = key_of(task)  # a hash of the text: computed once per task
+                seen[key] += 1
+                if seen[key] > present[key]:
                     todo.append(task)
             summary.skipped_existing += len(batch) - len(todo)
             if not todo:
@@ -208,8 +209,9 @@ def _import(client: LabelStudioClient, project_id: int, tasks: list[dict[str, An
                 arrived = now - present
                 rest = []
                 for task in todo:
-                    if arrived[key_of(task)] > 0:
-                        arrived[key_of(task)] -= 1
+                    key = key_of(task)
+                    if arrived[key] > 0:
+                        arrived[key] -= 1
                     else:
                         rest.append(task)
                 if rest:
