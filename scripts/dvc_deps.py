@@ -33,17 +33,35 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
-    names: set[str] = set()
-    for node in nodes:
+def runtime_imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Every module ``path`` imports when it runs, lazy imports in functions included (or, with
+    ``top_level_only``, those that run at import time); ``if TYPE_CHECKING:`` blocks never run and are skipped.
+    ``from a import b`` yields both ``a`` and ``a.b`` (b may be a module). tests/test_layers.py uses it too.
+    """
+    found: set[str] = set()
+
+    def walk(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.orelse:
+                walk(child)
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pipeline import x`
-    return {n for n in names if n.split(".")[0] in LOCAL_PACKAGES}
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            walk(child)
+
+    walk(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
+    """The project's own modules among :func:`runtime_imports`."""
+    return {n for n in runtime_imports(path, top_level_only) if n.split(".")[0] in LOCAL_PACKAGES}
 
 
 def closure(entries: list[tuple[str, bool]]) -> set[str]:

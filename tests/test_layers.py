@@ -6,11 +6,9 @@ skipped), so a lazy import inside a function cannot slip past. What each layer m
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
+from scripts.dvc_deps import runtime_imports
 from tests.conftest import ROOT
 
 TORCH = ("torch", "torchcrf", "transformers", "dvclive", "accelerate")
@@ -23,26 +21,6 @@ FORBIDDEN = {
     "pipeline/stages": ("serve",),
     "serve": (*TORCH, "pipeline.modeling", "pipeline.stages"),
 }
-
-
-def runtime_imports(path: Path) -> set[str]:
-    """Modules ``path`` imports when it runs (not under ``if TYPE_CHECKING:``)."""
-    found: set[str] = set()
-
-    def walk(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.orelse:
-                walk(child)
-            return
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-        for child in ast.iter_child_nodes(node):
-            walk(child)
-
-    walk(ast.parse(path.read_text(encoding="utf-8")))
-    return found
 
 
 def violations(folder: str) -> list[str]:
@@ -69,4 +47,6 @@ def test_the_check_sees_lazy_imports_and_skips_type_checking_blocks(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
                       "def f():\n    from pipeline.modeling import model\n")
-    assert runtime_imports(source) == {"typing", "pipeline.modeling"}
+    assert runtime_imports(source) == {"typing", "typing.TYPE_CHECKING", "pipeline.modeling",
+                                       "pipeline.modeling.model"}
+    assert runtime_imports(source, top_level_only=True) == {"typing", "typing.TYPE_CHECKING"}

@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,164 +256,231 @@ def train(conll_dir: str | Path, encoder_dir: str | Path, model_dir: str | Path,
         if not world.is_main:  # one log for the run: rank 0's
             logging.getLogger("pipeline").setLevel(logging.WARNING)
     try:
-        return _train(world, Path(conll_dir), encoder_dir, model_dir, live_dir, config, seed, checkpoint_dir)
+        run = TrainingRun(world, Path(conll_dir), encoder_dir, model_dir, config, seed, checkpoint_dir)
+        with _live(world, live_dir, run.resumed) as live:
+            return run.fit(live)
     finally:
         distributed.stop(world)
 
 
-def _train(world: World, conll_dir: Path, encoder_dir: str | Path, model_dir: str | Path, live_dir: str | Path,
-           config: TrainConfig, seed: int, checkpoint_dir: str | Path | None) -> dict[str, Any]:
-    seed_everything(seed)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)  # BiLSTM-CRF steps are ~3x faster on CPU with denormals flushed
-    device = world.device
-    amp_dtype = autocast_dtype(config.precision, device)
-    model, data = prepare(conll_dir, encoder_dir, config, device)
-    labels, specials, train_ex = data.labels, data.specials, data.train_ex
-    objective = Objective(model)
-    if world.size > 1:
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device] if device.type == "cuda" else None)
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves besides the weights, optimizer, schedule, scaler and RNG."""
 
-    rng = random.Random(seed)  # same seed on every rank: all ranks cut the same batches
-    steps_per_epoch = math.ceil(math.ceil(len(train_ex) / config.batch_size) / config.grad_accumulation)
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = build_optimizer(model, lr_encoder=config.lr_encoder, lr_head=config.lr_head, lr_crf=config.lr_crf,
-                                weight_decay=config.weight_decay, layer_decay=config.layer_decay)
-    scheduler = build_scheduler(optimizer, config.schedule, total_steps, config.warmup, config.plateau_factor,
-                                config.plateau_patience)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    lr_series = _lr_groups(optimizer)
-    log.info("%d optimizer steps (%d per epoch), precision %s", total_steps, steps_per_epoch,
-             str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32")
+    epoch: int = 0                   # the epoch to run next (0-based; a mid-epoch checkpoint: the current one)
+    batch: int = 0                   # batches of the current epoch done (a mid-epoch checkpoint)
+    step: int = 0                    # optimizer steps taken
+    batches: list | None = None      # the current epoch's batches (None: the next epoch cuts new ones)
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0                   # epochs since dev F1 last improved
+    history: list[dict[str, Any]] = field(default_factory=list)
+    total_loss: float = 0.0          # this epoch's summed loss and sentences, for its mean
+    seen: int = 0
 
-    best_f1, best_epoch, stale = -1.0, -1, 0
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch, step, batches = 0, 0, 0, None
-    total_loss, seen = 0.0, 0
-    bad_in_a_row, skipped = 0, 0
-    run_id = checkpoint.fingerprint(
-        {"seed": seed, "encoder": str(encoder_dir), "world": world.size,
-         **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size", "resume")}},
-        [conll_dir / "train.conll", conll_dir / "dev.conll", conll_dir / "labels.json"])
-    resumed = checkpoint.load_resumable(checkpoint_dir, run_id) \
-        if checkpoint_dir and config.resume == "auto" else None
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        checkpoint.restore_rng(rng, resumed["rng"])
-        start_epoch, start_batch, step, batches = resumed["epoch"], resumed["batch"], resumed["step"], \
-            resumed["batches"]
-        best_f1, best_epoch, stale, history = resumed["best_f1"], resumed["best_epoch"], resumed["stale"], \
-            resumed["history"]
-        total_loss, seen = resumed["total_loss"], resumed["seen"]
 
-    def save_checkpoint(epoch: int, batch: int, completed: bool = False) -> None:
-        if not checkpoint_dir or not world.is_main:
+class TrainingRun:
+    """One training run: the model, its optimizer and schedule, and the loop, in named steps.
+
+    Built once (seeded, resumed from a checkpoint of the same run if there is one), then :meth:`fit` runs
+    the epochs: batches -> :meth:`_accumulate` (forward and backward) -> :meth:`_optimizer_step` (or a
+    skipped non-finite step) -> :meth:`_end_epoch` (dev F1, best model, early stop, checkpoint).
+    """
+
+    def __init__(self, world: World, conll_dir: Path, encoder_dir: str | Path, model_dir: str | Path,
+                 config: TrainConfig, seed: int, checkpoint_dir: str | Path | None) -> None:
+        seed_everything(seed)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        torch.set_flush_denormal(True)  # BiLSTM-CRF steps are ~3x faster on CPU with denormals flushed
+        self.world, self.config, self.model_dir, self.checkpoint_dir = world, config, model_dir, checkpoint_dir
+        device = self.device = world.device
+        self.amp_dtype = autocast_dtype(config.precision, device)
+        self.model, self.data = prepare(conll_dir, encoder_dir, config, device)
+        self.objective: torch.nn.Module = Objective(self.model)
+        if world.size > 1:
+            self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[device] if device.type == "cuda" else None)
+        self.rng = random.Random(seed)  # same seed on every rank: all ranks cut the same batches
+        batches_per_epoch = math.ceil(len(self.data.train_ex) / config.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accumulation)
+        total_steps = steps_per_epoch * config.epochs
+        self.optimizer = build_optimizer(self.model, lr_encoder=config.lr_encoder, lr_head=config.lr_head,
+                                         lr_crf=config.lr_crf, weight_decay=config.weight_decay,
+                                         layer_decay=config.layer_decay)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, total_steps, config.warmup,
+                                         config.plateau_factor, config.plateau_patience)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.autocast = torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
+                                       enabled=self.amp_dtype is not None)
+        self.lr_series = _lr_groups(self.optimizer)
+        log.info("%d optimizer steps (%d per epoch), precision %s", total_steps, steps_per_epoch,
+                 str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32")
+        self.progress = Progress()
+        self.bad_in_a_row, self.skipped = 0, 0
+        self.run_id = checkpoint.fingerprint(
+            {"seed": seed, "encoder": str(encoder_dir), "world": world.size,
+             **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size",
+                                                                       "resume")}},
+            [conll_dir / "train.conll", conll_dir / "dev.conll", conll_dir / "labels.json"])
+        self.resumed = self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def _resume(self) -> bool:
+        """Continue this run's last checkpoint (same fingerprint) when ``train.resume: auto``."""
+        if not self.checkpoint_dir or self.config.resume != "auto":
+            return False
+        saved = checkpoint.load_resumable(self.checkpoint_dir, self.run_id)
+        if not saved:
+            return False
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        checkpoint.restore_rng(self.rng, saved["rng"])
+        self.progress = Progress(**{f.name: saved[f.name] for f in fields(Progress)})
+        return True
+
+    def _save_checkpoint(self, epoch: int, batch: int, completed: bool = False) -> None:
+        if not self.checkpoint_dir or not self.world.is_main:
             return
-        checkpoint.save(checkpoint_dir, {
-            "fingerprint": run_id, "epoch": epoch, "batch": batch, "step": step, "completed": completed,
-            "batches": batches, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(rng),
-            "best_f1": best_f1, "best_epoch": best_epoch, "stale": stale, "history": history,
-            "total_loss": total_loss, "seen": seen})
+        state = asdict(self.progress) | {"epoch": epoch, "batch": batch}
+        checkpoint.save(self.checkpoint_dir, {
+            "fingerprint": self.run_id, "completed": completed, **state, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(self.rng)})
 
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    with _live(world, live_dir, bool(resumed)) as live:
-        if resumed:  # not DVCLive's count: dvc repro deleted its files, a killed run logged past its checkpoint
-            live.step = step
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            if batches is None:  # a new epoch (None after each epoch, and unless resumed mid-epoch)
-                batches = bucket_batches(train_ex, config.batch_size, rng)
-                total_loss, seen = 0.0, 0
-            first, start_batch = start_batch, 0  # only the resumed epoch starts part-way
-            optimizer.zero_grad(set_to_none=True)
-            bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
-                       leave=False, disable=not world.is_main)
-            for i in bar:
-                mine, weight = world.shard(batches[i])
-                batch = {k: v.to(device) for k, v in collate([train_ex[j] for j in mine], specials.pad).items()}
-                with autocast:
-                    loss_sum = objective(**batch)
-                # weight makes the ranks' gradients, averaged by DDP, the gradient of the global batch mean
-                finite = bool(torch.isfinite(loss_sum))
-                scaler.scale(loss_sum * (weight / config.grad_accumulation)).backward()
-                if finite and weight:
-                    total_loss += loss_sum.item()
-                    seen += len(mine)
-                if (i + 1) % config.grad_accumulation == 0 or i + 1 == len(batches):
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    if not torch.isfinite(norm):
-                        # a NaN/inf step would poison the weights: drop it, and stop if it keeps happening
-                        if scaler.is_enabled():
-                            scaler.step(optimizer)  # sees the inf and skips; update() then lowers the scale
-                            scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped += 1
-                        if scaler.is_enabled() and finite:
-                            continue  # an fp16 overflow: the scaler's business, not divergence
-                        bad_in_a_row += 1
-                        log.warning("skipped an optimizer step: %s is not finite (%d in a row)",
-                                    "loss" if not finite else "gradient norm", bad_in_a_row)
-                        if bad_in_a_row >= config.max_bad_steps:
-                            raise TrainingDiverged(
-                                f"loss or gradients were not finite for {bad_in_a_row} optimizer steps in a row "
-                                f"(epoch {epoch + 1}); lower the learning rates (train.lr_*) or check the data")
-                        continue
-                    bad_in_a_row = 0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    step_loss = world.sum(loss_sum.item() if weight else 0.0) / len(batches[i])
-                    live.log_metric("train/loss", step_loss)
-                    for name, g in lr_series:
-                        live.log_metric(f"train/lr/{name}", optimizer.param_groups[g]["lr"])
-                    live.next_step()
-                    if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < len(batches):
-                        save_checkpoint(epoch, i + 1)
-                    bar.set_postfix(loss=f"{step_loss:.3f}")
-            dev = None
-            if world.is_main:
-                dev_pred = predict_tags(model, data.dev_ex, len(data.dev_sents), labels["tags"], specials.pad,
-                                        config.eval_batch_size, device)
-                dev = score([s.tags for s in data.dev_sents], dev_pred, labels["scheme"])
-            dev = world.from_main(dev)
-            train_loss = world.sum(total_loss) / max(world.sum(seen), 1)
-            scheduler.epoch_end(dev["f1"])
-            live.log_metric("dev/f1", dev["f1"])
-            live.log_metric("dev/precision", dev["precision"])
-            live.log_metric("dev/recall", dev["recall"])
-            live.log_metric("train/epoch_loss", train_loss)
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "dev_f1": dev["f1"]})
-            log.info("epoch %d: train loss %.4f, dev F1 %.4f", epoch + 1, train_loss, dev["f1"])
-            stop = False
-            if dev["f1"] > best_f1:
-                best_f1, best_epoch, stale = dev["f1"], epoch + 1, 0
-                if world.is_main:
-                    save_best(model, labels, data.hf_tokenizer, model_dir)
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    log.info("early stop: dev F1 has not improved for %d epochs", stale)
-                    stop = True
-            batches = None
-            save_checkpoint(epoch + 1, 0, completed=stop or epoch + 1 == config.epochs)
-            if stop:
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def fit(self, live: Any) -> dict[str, Any]:
+        """Run the epochs left; the summary also goes to DVCLive."""
+        progress = self.progress
+        if self.resumed:  # not DVCLive's count: dvc repro deleted its files, a killed run logged past its checkpoint
+            live.step = progress.step
+        for epoch in range(progress.epoch, self.config.epochs):
+            self._train_epoch(epoch, live)
+            if self._end_epoch(epoch, live):
                 break
-        summary = {"best_dev_f1": best_f1, "best_epoch": best_epoch, "epochs_run": len(history),
-                   "optimizer_steps": step, "skipped_steps": skipped}
+        summary = {"best_dev_f1": progress.best_f1, "best_epoch": progress.best_epoch,
+                   "epochs_run": len(progress.history), "optimizer_steps": progress.step,
+                   "skipped_steps": self.skipped}
         for key, value in summary.items():
             live.summary[key] = value
-    if world.is_main:
-        log.info("best dev F1 %.4f at epoch %d; model in %s", best_f1, best_epoch, model_dir)
-    return summary
+        if self.world.is_main:
+            log.info("best dev F1 %.4f at epoch %d; model in %s", progress.best_f1, progress.best_epoch,
+                     self.model_dir)
+        return summary
+
+    def _train_epoch(self, epoch: int, live: Any) -> None:
+        config, progress = self.config, self.progress
+        self.model.train()
+        if progress.batches is None:  # a new epoch (None after each epoch, and unless resumed mid-epoch)
+            progress.batches = bucket_batches(self.data.train_ex, config.batch_size, self.rng)
+            progress.total_loss, progress.seen = 0.0, 0
+        batches = progress.batches
+        first, progress.batch = progress.batch, 0  # only the resumed epoch starts part-way
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
+                   leave=False, disable=not self.world.is_main)
+        for i in bar:
+            loss_sum, weight = self._accumulate(batches[i])
+            last = i + 1 == len(batches)
+            if (i + 1) % config.grad_accumulation and not last:
+                continue
+            if not self._optimizer_step(bool(torch.isfinite(loss_sum)), epoch):
+                continue
+            step_loss = self.world.sum(loss_sum.item() if weight else 0.0) / len(batches[i])
+            self._log_step(live, step_loss)
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and not last:
+                self._save_checkpoint(epoch, i + 1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+
+    def _accumulate(self, batch_ids: list[int]) -> tuple[torch.Tensor, float]:
+        """Forward and backward of this rank's share of one batch; returns its summed loss and weight."""
+        mine, weight = self.world.shard(batch_ids)
+        examples = [self.data.train_ex[j] for j in mine]
+        batch = {k: v.to(self.device) for k, v in collate(examples, self.data.specials.pad).items()}
+        with self.autocast:
+            loss_sum = self.objective(**batch)
+        # weight makes the ranks' gradients, averaged by DDP, the gradient of the global batch mean
+        finite = bool(torch.isfinite(loss_sum))
+        self.scaler.scale(loss_sum * (weight / self.config.grad_accumulation)).backward()
+        if finite and weight:
+            self.progress.total_loss += loss_sum.item()
+            self.progress.seen += len(mine)
+        return loss_sum, weight
+
+    def _optimizer_step(self, loss_finite: bool, epoch: int) -> bool:
+        """Clip and step; a non-finite gradient drops the step instead (and stops a run that keeps diverging)."""
+        optimizer, scaler = self.optimizer, self.scaler
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if not torch.isfinite(norm):
+            self._skip_step(loss_finite, epoch)
+            return False
+        self.bad_in_a_row = 0
+        scaler.step(optimizer)
+        scaler.update()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        return True
+
+    def _skip_step(self, loss_finite: bool, epoch: int) -> None:
+        """A NaN/inf step would poison the weights: drop it, and stop if it keeps happening."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # sees the inf and skips; update() then lowers the scale
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        if self.scaler.is_enabled() and loss_finite:
+            return  # an fp16 overflow: the scaler's business, not divergence
+        self.bad_in_a_row += 1
+        log.warning("skipped an optimizer step: %s is not finite (%d in a row)",
+                    "loss" if not loss_finite else "gradient norm", self.bad_in_a_row)
+        if self.bad_in_a_row >= self.config.max_bad_steps:
+            raise TrainingDiverged(
+                f"loss or gradients were not finite for {self.bad_in_a_row} optimizer steps in a row "
+                f"(epoch {epoch + 1}); lower the learning rates (train.lr_*) or check the data")
+
+    def _log_step(self, live: Any, step_loss: float) -> None:
+        live.log_metric("train/loss", step_loss)
+        for name, g in self.lr_series:
+            live.log_metric(f"train/lr/{name}", self.optimizer.param_groups[g]["lr"])
+        live.next_step()
+
+    def _end_epoch(self, epoch: int, live: Any) -> bool:
+        """Dev F1, the best model so far, the plateau schedule and early stopping; True: stop."""
+        progress, world = self.progress, self.world
+        dev = self._dev_scores() if world.is_main else None
+        dev = world.from_main(dev)
+        train_loss = world.sum(progress.total_loss) / max(world.sum(progress.seen), 1)
+        self.scheduler.epoch_end(dev["f1"])
+        for key in ("f1", "precision", "recall"):
+            live.log_metric(f"dev/{key}", dev[key])
+        live.log_metric("train/epoch_loss", train_loss)
+        progress.history.append({"epoch": epoch + 1, "train_loss": train_loss, "dev_f1": dev["f1"]})
+        log.info("epoch %d: train loss %.4f, dev F1 %.4f", epoch + 1, train_loss, dev["f1"])
+        stop = False
+        if dev["f1"] > progress.best_f1:
+            progress.best_f1, progress.best_epoch, progress.stale = dev["f1"], epoch + 1, 0
+            if world.is_main:
+                save_best(self.model, self.data.labels, self.data.hf_tokenizer, self.model_dir)
+        else:
+            progress.stale += 1
+            if progress.stale >= self.config.patience:
+                log.info("early stop: dev F1 has not improved for %d epochs", progress.stale)
+                stop = True
+        progress.batches = None
+        self._save_checkpoint(epoch + 1, 0, completed=stop or epoch + 1 == self.config.epochs)
+        return stop
+
+    def _dev_scores(self) -> dict[str, Any]:
+        data = self.data
+        pred = predict_tags(self.model, data.dev_ex, len(data.dev_sents), data.labels["tags"], data.specials.pad,
+                            self.config.eval_batch_size, self.device)
+        return score([s.tags for s in data.dev_sents], pred, data.labels["scheme"])
 
 
 def save_best(model: BertBiLstmCrf, labels: dict, hf_tokenizer: Any, model_dir: str | Path) -> None:
