@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import yaml
 
+from pipeline.core.config import PushConfig
 from pipeline.core.errors import LabelConfigMismatch
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.labelconfig import read_label_config
@@ -51,7 +52,7 @@ def test_push_round_trip_is_exact_and_idempotent(label_studio, pipeline_run):
     # the project's tasks get their own ids: push finds them by text
     client.import_tasks(project, [{"data": t["data"]} for t in tasks])
 
-    summary = push(client, project, tasks, match="text")
+    summary = push(client, project, tasks, PushConfig(match="text"))
     assert (summary.matched, summary.created, summary.failed) == (len(tasks), len(tasks), [])
 
     stored = {t["data"]["text"]: t for t in client.iter_tasks(project)}
@@ -66,7 +67,7 @@ def test_push_round_trip_is_exact_and_idempotent(label_studio, pipeline_run):
             assert task["data"]["text"][r["value"]["start"]:r["value"]["end"]] == r["value"]["text"]
     assert sum(len(t["predictions"][0]["result"]) for t in tasks) > 0
 
-    again = push(client, project, tasks, match="text")
+    again = push(client, project, tasks, PushConfig(match="text"))
     assert (again.created, again.skipped_existing) == (0, len(tasks))
     assert len(client.list_predictions(project_id=project)) == len(tasks)
 
@@ -147,7 +148,7 @@ def test_label_map_renames_model_labels_to_the_projects(label_studio):
     client.import_tasks(project, [{"data": t["data"]} for t in tasks])
     with pytest.raises(LabelConfigMismatch, match="'geo-loc'"):
         push(client, project, tasks)
-    summary = push(client, project, tasks, label_map={"geo-loc": "location"})
+    summary = push(client, project, tasks, PushConfig(label_map={"geo-loc": "location"}))
     assert summary.created == len(tasks)
     labels = {r["value"]["labels"][0] for p in client.list_predictions(project_id=project) for r in p["result"]}
     assert "location" in labels and "geo-loc" not in labels
@@ -157,9 +158,9 @@ def test_import_mode_creates_tasks_with_predictions_once(label_studio):
     client = LabelStudioClient(label_studio.url, label_studio.api_key)
     tasks = many_tasks(120, "v-import")
     project = client.create_project("import mode", CONFIG_XML)
-    first = push(client, project, tasks, mode="import", batch_size=50)
+    first = push(client, project, tasks, PushConfig(mode="import", batch_size=50))
     assert first.created == 120
-    again = push(client, project, tasks, mode="import", batch_size=50)
+    again = push(client, project, tasks, PushConfig(mode="import", batch_size=50))
     assert (again.created, again.skipped_existing) == (0, 120)
     stored = list(client.iter_tasks(project))
     assert len(stored) == 120
@@ -221,20 +222,21 @@ def test_tasks_with_the_same_text_each_get_their_prediction_in_both_modes(label_
 
     project = client.create_project("same text, attach", CONFIG_XML)
     client.import_tasks(project, [{"data": t["data"]} for t in tasks])
-    summary = push(client, project, tasks, batch_size=2)
+    summary = push(client, project, tasks, PushConfig(batch_size=2))
     stored = list(client.iter_tasks(project))
     assert all(len(t["predictions"]) == 1 for t in stored)
     assert (summary.matched, summary.created, summary.skipped_existing, summary.duplicates) == (6, 6, 0, 1)
-    again = push(client, project, tasks, batch_size=2)
+    again = push(client, project, tasks, PushConfig(batch_size=2))
     assert (again.created, again.skipped_existing, again.duplicates) == (0, 6, 1)
 
     project = client.create_project("same text, import", CONFIG_XML)
-    first = push(client, project, tasks, mode="import", batch_size=2)  # the copies land in different batches
+    # the copies land in different batches
+    first = push(client, project, tasks, PushConfig(mode="import", batch_size=2))
     stored = list(client.iter_tasks(project))
     assert sorted(t["data"]["text"] for t in stored) == sorted(texts)
     assert all(len(t["predictions"]) == 1 for t in stored)
     assert (first.created, first.skipped_existing) == (6, 0)
-    again = push(client, project, tasks, mode="import", batch_size=2)
+    again = push(client, project, tasks, PushConfig(mode="import", batch_size=2))
     assert (again.created, again.skipped_existing) == (0, 6)
     assert len(list(client.iter_tasks(project))) == 6
 

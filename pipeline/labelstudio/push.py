@@ -24,18 +24,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.core.errors import (
-    LabelConfigMismatch,
-    LabelStudioError,
-    ParamsError,
-)
+from pipeline.core.config import PushConfig
+from pipeline.core.errors import LabelConfigMismatch, LabelStudioError
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.labelconfig import LabelConfig
 
 log = logging.getLogger(__name__)
 
-MATCHES = ("text", "id")
-MODES = ("attach", "import")
 
 
 @dataclass
@@ -116,14 +111,12 @@ def check_against_config(tasks: list[dict[str, Any]], config: LabelConfig) -> No
                                   "(push.label_map can rename labels)")
 
 
-def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], *, match: str = "text",
-         mode: str = "attach", label_map: dict[str, str] | None = None, batch_size: int = 100,
-         state_path: str | Path | None = None) -> PushSummary:
-    if match not in MATCHES:
-        raise ParamsError(f"push.match: {match!r} is not one of {MATCHES}")
-    if mode not in MODES:
-        raise ParamsError(f"push.mode: {mode!r} is not one of {MODES}")
-    tasks = map_labels(tasks, label_map or {})
+def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]],
+         options: PushConfig | None = None, state_path: str | Path | None = None) -> PushSummary:
+    """Send ``tasks``' predictions (``options``: the ``push`` section: match, mode, label map, batch size)."""
+    options = options or PushConfig()
+    match, batch_size = options.match, options.batch_size
+    tasks = map_labels(tasks, options.label_map)
     config = client.label_config(project_id)
     check_against_config(tasks, config)
 
@@ -132,7 +125,7 @@ def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]]
 
     record = PushRecord(state_path, project_id, client.url)
     summary = PushSummary()
-    if mode == "import":
+    if options.mode == "import":
         _import(client, project_id, tasks, key_of, record, summary, batch_size)
     else:
         _attach(client, project_id, tasks, key_of, record, summary, batch_size, match)

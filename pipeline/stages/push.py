@@ -34,8 +34,7 @@ def main(params: dict[str, Any], project: int | None = None) -> None:
     tasks = json.loads(path.read_text(encoding="utf-8"))
     client = LabelStudioClient.from_env(retries=conf.retries, backoff=conf.backoff)
     try:
-        summary = push(client, int(project_id), tasks, match=conf.match, mode=conf.mode, label_map=conf.label_map,
-                       batch_size=conf.batch_size, state_path=paths.get("push_state"))
+        summary = push(client, int(project_id), tasks, conf, state_path=paths.get("push_state"))
     except LabelStudioConfigError:
         raise  # wrong URL or key: said once, nothing to continue
     except LabelStudioError as exc:
