@@ -14,8 +14,13 @@ if TYPE_CHECKING:  # the runtime hands its predictions in; this layer does not d
     from pipeline.runtime.inference import TextPrediction
 
 
-def to_ls_prediction(pred: TextPrediction, config: LabelConfig, model_version: str) -> dict[str, Any]:
-    """One Label Studio prediction; region ids are stable so re-runs produce the same file."""
+def to_ls_prediction(pred: TextPrediction, config: LabelConfig, model_version: str,
+                     uncertainty: str = "sequence") -> dict[str, Any]:
+    """One Label Studio prediction; region ids are stable so re-runs produce the same file.
+
+    Its ``score`` (what Label Studio sorts tasks by) is the confidence named by ``uncertainty``: ``sequence``,
+    ``min_entity`` or ``entropy`` (see ``pipeline.runtime.uncertainty``).
+    """
     result = [{
         "id": f"r{i}-{e.start}-{e.end}",
         "from_name": config.from_name,
@@ -24,4 +29,4 @@ def to_ls_prediction(pred: TextPrediction, config: LabelConfig, model_version: s
         "value": {"start": e.start, "end": e.end, "text": e.text, "labels": [e.label]},
         "score": e.score,
     } for i, e in enumerate(pred.entities)]
-    return {"model_version": model_version, "score": pred.score, "result": result}
+    return {"model_version": model_version, "score": pred.confidence.get(uncertainty, pred.score), "result": result}

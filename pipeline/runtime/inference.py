@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from pipeline.core.encoding import (
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.tags import tags_to_spans
 from pipeline.core.words import split_words
+from pipeline.runtime.uncertainty import UNCERTAINTIES, confidences
 from pipeline.runtime.viterbi import CrfParams, marginals, viterbi_decode
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,12 @@ class Entity:
 class TextPrediction:
     entities: list[Entity]
     score: float  # probability of the whole decoded tag sequence: low means "look at this task first"
+    confidence: dict[str, float] = field(default_factory=lambda: dict.fromkeys(UNCERTAINTIES, 1.0))
+    """The three confidences of ``pipeline.runtime.uncertainty`` (``sequence`` equals ``score``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"entities": [asdict(e) for e in self.entities], "score": self.score}
+        return {"entities": [asdict(e) for e in self.entities], "score": self.score,
+                "confidence": dict(self.confidence)}
 
 
 @dataclass
@@ -97,6 +101,7 @@ class NerRuntime:
         crf = json.loads((self.model_dir / CRF_FILE).read_text())
         self.crf = CrfParams.from_dict(crf)
         self.tags: list[str] = crf["tags"]
+        self._outside = self.tags.index("O") if "O" in self.tags else None
         self.info: dict[str, Any] = json.loads((self.model_dir / INFO_FILE).read_text())
         self.entity_types: list[str] = self.info["entity_types"]
         self.model_version: str = self.info["model_version"] + ("-int8" if quantized else "")
@@ -113,7 +118,21 @@ class NerRuntime:
 
     def predict(self, texts: list[str]) -> list[TextPrediction]:
         """Entities for each text, in input order."""
-        words = [split_words(t) for t in texts]
+        return self._predict(texts, [split_words(t) for t in texts])
+
+    def predict_words(self, words: list[list[str]]) -> list[TextPrediction]:
+        """Entities for texts already cut into words (CoNLL), offsets into the words joined by single spaces."""
+        texts, spans = [], []
+        for ws in words:
+            offsets, at = [], 0
+            for w in ws:
+                offsets.append((at, at + len(w)))
+                at += len(w) + 1
+            texts.append(" ".join(ws))
+            spans.append(offsets)
+        return self._predict(texts, spans)
+
+    def _predict(self, texts: list[str], words: list[list[tuple[int, int]]]) -> list[TextPrediction]:
         emissions = self.word_emissions([[t[s:e] for s, e in w] for t, w in zip(texts, words)])
         out: list[TextPrediction | None] = [TextPrediction([], 1.0) if not w else None for w in words]
         for idx, paths, best, probs, log_z in self._decode_batches(emissions):
@@ -194,10 +213,12 @@ class NerRuntime:
     def _prediction(self, text: str, words: list[tuple[int, int]], path: list[int], best: float,
                     probs: np.ndarray, log_z: float) -> TextPrediction:
         tags = [self.tags[t] for t in path]
-        entities = []
+        entities, entity_scores = [], []
         for first, last, label in tags_to_spans(tags):
             start, end = words[first][0], words[last - 1][1]
             score = float(np.mean([probs[i, path[i]] for i in range(first, last)]))
+            entity_scores.append(score)
             entities.append(Entity(start, end, text[start:end], label, round(score, 6)))
         sequence_prob = float(np.exp(min(0.0, best - log_z)))
-        return TextPrediction(entities, round(sequence_prob, 6))
+        confidence = confidences(path, probs[:len(path)], sequence_prob, entity_scores, self._outside)
+        return TextPrediction(entities, round(sequence_prob, 6), confidence)
