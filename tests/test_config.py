@@ -10,12 +10,19 @@ import pytest
 import yaml
 
 from pipeline.__main__ import STAGES
-from pipeline.core.config import ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig
+from pipeline.core.config import (
+    ConvertConfig,
+    EvaluateConfig,
+    ExportConfig,
+    LoopConfig,
+    PredictConfig,
+    PushConfig,
+)
 from pipeline.core.errors import ParamsError
 from pipeline.modeling.train import TrainConfig
 from tests.conftest import ROOT
 
-MODELS = [ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig]
+MODELS = [ConvertConfig, EvaluateConfig, ExportConfig, PredictConfig, PushConfig, LoopConfig]
 PARAMS_FILES = [ROOT / "params.yaml", ROOT / "pipelines" / "msra" / "params.yaml"]
 
 
@@ -36,6 +43,8 @@ def test_every_section_of_the_params_files_validates_and_shows_every_key(path):
     ("predict", "batch_size", 0, "predict.batch_size: Input should be greater than 0"),
     ("push", "mode", "replace", "push.mode: Input should be 'attach' or 'import'"),
     ("evaluate", "batch_size", "many", "evaluate.batch_size: Input should be a valid integer"),
+    ("predict", "uncertainty", "margin", "predict.uncertainty: Input should be 'sequence', 'min_entity' or 'entropy'"),
+    ("loop", "nice", 20, "loop.nice: Input should be less than or equal to 19"),
 ])
 def test_a_wrong_key_type_or_value_names_section_and_key(section, key, value, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))

@@ -13,11 +13,14 @@ from tests.conftest import ROOT
 
 TORCH = ("torch", "torchcrf", "transformers", "dvclive", "accelerate")
 FORBIDDEN = {
-    "pipeline/core": (*TORCH, "pipeline.labelstudio", "pipeline.runtime", "pipeline.modeling", "pipeline.stages",
-                      "serve"),
-    "pipeline/runtime": (*TORCH, "pipeline.labelstudio", "pipeline.modeling", "pipeline.stages", "serve"),
-    "pipeline/labelstudio": (*TORCH, "pipeline.runtime", "pipeline.modeling", "pipeline.stages", "serve"),
-    "pipeline/modeling": ("pipeline.labelstudio", "pipeline.stages", "serve"),
+    "pipeline/core": (*TORCH, "pipeline.labelstudio", "pipeline.runtime", "pipeline.modeling", "pipeline.loop",
+                      "pipeline.stages", "serve"),
+    "pipeline/runtime": (*TORCH, "pipeline.labelstudio", "pipeline.modeling", "pipeline.loop", "pipeline.stages",
+                         "serve"),
+    "pipeline/labelstudio": (*TORCH, "pipeline.runtime", "pipeline.modeling", "pipeline.loop", "pipeline.stages",
+                             "serve"),
+    "pipeline/loop": (*TORCH, "pipeline.modeling", "pipeline.stages", "serve"),  # training runs in another process
+    "pipeline/modeling": ("pipeline.labelstudio", "pipeline.loop", "pipeline.stages", "serve"),
     "pipeline/stages": ("serve",),
     "serve": (*TORCH, "pipeline.modeling", "pipeline.stages"),
 }

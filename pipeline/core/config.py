@@ -107,6 +107,7 @@ class PredictConfig(SectionConfig):
     threads: NonNegativeInt = 0
     max_tokens: PositiveInt = 512
     model_version: str = ""  # "": derived from the exported model's hash
+    uncertainty: Literal["sequence", "min_entity", "entropy"] = "sequence"  # the score Label Studio sorts by
 
 
 class PushConfig(SectionConfig):
@@ -119,3 +120,18 @@ class PushConfig(SectionConfig):
     batch_size: PositiveInt = 100
     retries: NonNegativeInt = 5
     backoff: float = Field(0.5, ge=0)
+
+
+class LoopConfig(SectionConfig):
+    """The labelling loop inside Label Studio: when the service trains, and what a candidate must beat."""
+
+    section: ClassVar[str] = "loop"
+
+    every_annotations: NonNegativeInt = 0  # new or updated annotations that start a job (0: Start Training only)
+    min_gain: float = Field(0.0, ge=0)     # dev F1 points a candidate must gain over the served model (ties keep it)
+    max_test_drop: float = Field(1.0, ge=0)  # test F1 points it may lose at most
+    repredict: bool = True                 # after a promotion, pre-annotate the unlabeled tasks with the new model
+    warm_start: bool = False               # fine-tune the served model's weights instead of the pretrained encoder
+    warm_epochs: PositiveInt = 2           # epochs of a warm start
+    history: PositiveInt = 20              # finished jobs that /v1/training lists
+    nice: int = Field(10, ge=0, le=19)     # CPU priority of the trainer process (higher: gentler on serving)
