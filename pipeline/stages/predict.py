@@ -33,7 +33,9 @@ def select_tasks(tasks: list[dict[str, Any]], which: str) -> list[dict[str, Any]
 
 
 def predict_tasks(runtime: NerRuntime, tasks: list[dict[str, Any]], config: LabelConfig,
-                  model_version: str | None = None, chunk: int = 256) -> list[dict[str, Any]]:
+                  model_version: str | None = None, chunk: int = 256,
+                  uncertainty: str = "sequence") -> list[dict[str, Any]]:
+    """Each task with one prediction; its ``score`` is the ``uncertainty`` confidence (predict.uncertainty)."""
     check_labels(runtime.entity_types, config)
     version = model_version or runtime.model_version
     texts = [task_text(t, config.data_key) for t in tasks]
@@ -42,7 +44,7 @@ def predict_tasks(runtime: NerRuntime, tasks: list[dict[str, Any]], config: Labe
         for lo in range(0, len(tasks), chunk):
             for task, pred in zip(tasks[lo:lo + chunk], runtime.predict(texts[lo:lo + chunk])):
                 out.append({"id": task.get("id"), "data": task["data"],
-                            "predictions": [to_ls_prediction(pred, config, version)]})
+                            "predictions": [to_ls_prediction(pred, config, version, uncertainty)]})
             bar.update(min(chunk, len(tasks) - lo))
     return out
 
@@ -53,7 +55,7 @@ def main(params: dict[str, Any]) -> None:
                          max_tokens=conf.max_tokens, batch_size=conf.batch_size)
     config = read_label_config(paths["label_config"])
     tasks = select_tasks(list(iter_export(paths["export"])), conf.tasks)
-    predicted = predict_tasks(runtime, tasks, config, conf.model_version or None)
+    predicted = predict_tasks(runtime, tasks, config, conf.model_version or None, uncertainty=conf.uncertainty)
     write_json(Path(paths["predictions"]), predicted, indent=1)
     n_entities = sum(len(t["predictions"][0]["result"]) for t in predicted)
     log.info("wrote %d tasks with %d predicted entities (%s) to %s", len(predicted), n_entities,
