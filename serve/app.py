@@ -124,6 +124,8 @@ class EntityOut(BaseModel):
 class TextResult(BaseModel):
     entities: list[EntityOut]
     score: float = Field(description="probability of the whole decoded tag sequence")
+    confidence: dict[str, float] = Field(default_factory=dict, description=(
+        "the three confidences active learning sorts by (sequence, min_entity, entropy), low = doubtful"))
 
 
 class NerResponse(BaseModel):

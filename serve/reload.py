@@ -12,6 +12,7 @@ load leaves the old model in place; the next check tries again.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def fingerprint(model_dir: Path) -> Fingerprint:
-    """(name, size, mtime_ns) of every file in the folder, sorted; empty if the folder is gone."""
+    """(name, size, mtime_ns) of every file in the folder, sorted, after the folder's resolved path (a
+    ``models/served`` link swapped to another version changes it); empty if the folder is gone."""
     try:
         entries = list(model_dir.iterdir())
     except OSError:
         return ()
-    out = []
+    out = [(os.path.realpath(model_dir), 0, 0)]
     for path in entries:
         try:
             st = path.stat()

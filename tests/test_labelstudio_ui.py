@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.core.config import PushConfig
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.labelconfig import read_label_config
 from pipeline.labelstudio.push import push
@@ -146,7 +147,7 @@ def test_pushed_predictions_highlight_exactly_the_predicted_entities(label_studi
     project = client.create_project("labeling UI: pushed", CONFIG_XML)
     client.import_tasks(project, [{"data": t["data"]} for t in tasks])
 
-    summary = push(client, project, tasks, match="text")
+    summary = push(client, project, tasks, PushConfig(match="text"))
     assert (summary.created, summary.failed) == (len(tasks), [])
 
     ids = {t["data"]["text"]: int(t["id"]) for t in client.iter_tasks(project)}

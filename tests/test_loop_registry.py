@@ -126,3 +126,30 @@ def test_promote_command_registers_lists_and_rolls_back(pipeline_run, tmp_path):
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "no model version 'no-such-version'" in wrong.stderr
     assert registry.served()["version"] == info["model_version"]  # a refused promote changes nothing
+
+
+def test_the_service_reloader_follows_a_promotion_of_the_served_link(tmp_path):
+    from serve.reload import ModelReloader
+
+    class Loaded:
+        def __init__(self, folder):
+            self.model_version = json.loads((folder / "model_info.json").read_text())["model_version"]
+
+        def predict(self, texts):
+            return []
+
+    class Target:
+        runtime = None
+
+    registry = Registry(tmp_path / "models")
+    for v in ("v1", "v2"):
+        registry.add(fake_model(tmp_path / v, v), {"version": v})
+    registry.promote("v1")
+    target = Target()
+    target.runtime = Loaded(registry.served_link)
+    reloader = ModelReloader(registry.served_link, Loaded, target)
+    assert not reloader.check().reloaded
+    registry.promote("v2")
+    result = reloader.check()
+    assert result.reloaded and (result.previous_version, result.model_version) == ("v1", "v2")
+    assert target.runtime.model_version == "v2"

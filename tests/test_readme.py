@@ -48,6 +48,7 @@ COVERED = {
         "tests/test_labelstudio_convert.py::test_project_export_converts_like_the_file",
     r"\.venv/bin/python -m pipeline push --project": "tests/test_labelstudio_push.py::test_cli_push_takes_the_server_from_the_environment",
     r"\.venv/bin/dvc repro pipelines/labelstudio/dvc.yaml": "tests/test_labelstudio_push.py::test_dvc_push_stage",
+    r"\.venv/bin/python -m pipeline promote": "tests/test_loop_registry.py::test_promote_command_registers_lists_and_rolls_back",
 }
 # Cannot run on a CI machine as written: the reason.
 NOT_HERE = {

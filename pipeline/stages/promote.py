@@ -4,7 +4,8 @@
     python -m pipeline promote VERSION         # serve VERSION (a rollback is a promote of an older one)
     python -m pipeline promote --register      # register the exported model (paths.onnx_dir) and serve it
 
-A running service (``python -m serve --model-dir models/served``) picks the change up by itself.
+A running service (``python -m serve --model-dir models/served``) loads the new target on its next reload
+check (``kill -HUP``, or Label Studio's ``/setup``).
 """
 
 from __future__ import annotations
