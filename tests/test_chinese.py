@@ -3,8 +3,8 @@
 import pytest
 
 from pipeline.core.tags import tags_to_spans
-from pipeline.labelstudio.convert import convert_tasks
 from pipeline.labelstudio.labelconfig import parse_label_config
+from pipeline.labelstudio.sentences import convert_tasks
 from scripts.build_msra_export import LABEL_CONFIG, corpus_path, read_sentences, to_task
 
 

@@ -11,8 +11,9 @@ from pipeline.core.conll import read_conll, write_conll
 from pipeline.core.errors import ConversionError, TaskError
 from pipeline.core.tags import tags_to_spans
 from pipeline.core.words import split_words
-from pipeline.labelstudio.convert import convert_tasks, run, split_of
+from pipeline.labelstudio.convert import run
 from pipeline.labelstudio.labelconfig import parse_label_config
+from pipeline.labelstudio.sentences import convert_tasks, split_of
 
 CONFIG_XML = """<View>
   <Labels name="label" toName="text">

@@ -10,9 +10,10 @@ import json
 import pytest
 
 from pipeline.core.tags import tags_to_spans
-from pipeline.labelstudio.convert import convert_tasks, iter_export
 from pipeline.labelstudio.labelconfig import parse_label_config, read_label_config
 from pipeline.labelstudio.ls_converter import convert_items
+from pipeline.labelstudio.sentences import convert_tasks
+from pipeline.labelstudio.tasks import iter_export
 from tests.conftest import ROOT
 from tests.test_convert import CONFIG_XML, region, task
 

@@ -22,17 +22,12 @@ from typing import Any
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.conll import Sentence, format_sentence
 from pipeline.core.errors import ConversionError
-from pipeline.labelstudio.convert import (
-    SPLITS,
-    ConvertReport,
-    Span,
-    choose_annotations,
-    iter_export,
-    resolve_overlaps,
-    split_of,
-    write_labels,
-)
+from pipeline.labelstudio.convert import write_labels
 from pipeline.labelstudio.labelconfig import LabelConfig, read_label_config, read_label_config_xml
+from pipeline.labelstudio.report import ConvertReport, Span
+from pipeline.labelstudio.sentences import SPLITS, split_of
+from pipeline.labelstudio.spans import resolve_overlaps
+from pipeline.labelstudio.tasks import choose_annotations, iter_export
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from pipeline.core.atomic import write_json
 from pipeline.core.config import PredictConfig
 from pipeline.core.errors import ParamsError
-from pipeline.labelstudio.convert import iter_export, task_text
 from pipeline.labelstudio.labelconfig import LabelConfig, check_labels, read_label_config
 from pipeline.labelstudio.regions import to_ls_prediction
+from pipeline.labelstudio.tasks import iter_export, task_text
 from pipeline.runtime.inference import NerRuntime
 
 log = logging.getLogger(__name__)
