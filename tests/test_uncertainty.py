@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.core.conll import Sentence
+from pipeline.core.words import split_words
 from pipeline.labelstudio.labelconfig import parse_label_config
 from pipeline.labelstudio.regions import to_ls_prediction
 from pipeline.runtime.inference import NerRuntime
@@ -74,5 +76,6 @@ def test_predictions_carry_all_three_and_label_studio_gets_the_chosen_one(forced
         for name in UNCERTAINTIES:
             assert to_ls_prediction(pred, config, "v1", uncertainty=name)["score"] == pred.confidence[name]
     assert any(p.entities for p in preds)
-    words = runtime.predict_words([t.split() for t in texts])
-    assert [p.confidence for p in words] == [p.confidence for p in preds]  # same words, same scores
+    sentences = [Sentence("t", t, split_words(t), []) for t in texts]  # as read from CoNLL
+    cut = runtime.predict_words([s.text for s in sentences], [s.words for s in sentences])
+    assert cut == preds  # same words, same entities and scores

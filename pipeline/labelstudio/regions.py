@@ -29,4 +29,4 @@ def to_ls_prediction(pred: TextPrediction, config: LabelConfig, model_version: s
         "value": {"start": e.start, "end": e.end, "text": e.text, "labels": [e.label]},
         "score": e.score,
     } for i, e in enumerate(pred.entities)]
-    return {"model_version": model_version, "score": pred.confidence.get(uncertainty, pred.score), "result": result}
+    return {"model_version": model_version, "score": pred.confidence[uncertainty], "result": result}

@@ -72,7 +72,8 @@ class Registry:
     def add(self, model_dir: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
         """Copy an exported model folder in as a new version (never over one) and list it, not yet served."""
         version = str(entry["version"])
-        if any(e["version"] == version for e in self.versions()):
+        data = self.read()
+        if any(e["version"] == version for e in data["versions"]):
             raise RegistryError(f"model version {version!r} is already registered; versions are never rewritten")
         folder = self.versions_dir / version
         if folder.exists():
@@ -81,7 +82,6 @@ class Registry:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         record = {k: entry.get(k) for k in VERSION_FIELDS} | {
             "folder": folder.relative_to(self.root).as_posix(), "registered_at": _now()}
-        data = self.read()
         data["versions"].append(record)
         write_json(self.path, data)
         return record

@@ -384,11 +384,11 @@ class TrainingRun:
         bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
                    leave=False, disable=not self.world.is_main)
         for i in bar:
-            loss_sum, weight = self._accumulate(batches[i])
+            loss_sum, weight, finite = self._accumulate(batches[i])
             last = i + 1 == len(batches)
             if (i + 1) % config.grad_accumulation and not last:
                 continue
-            if not self._optimizer_step(bool(torch.isfinite(loss_sum)), epoch):
+            if not self._optimizer_step(finite, epoch):
                 continue
             step_loss = self.world.sum(loss_sum.item() if weight else 0.0) / len(batches[i])
             self._log_step(live, step_loss)
@@ -396,8 +396,8 @@ class TrainingRun:
                 self._save_checkpoint(epoch, i + 1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
 
-    def _accumulate(self, batch_ids: list[int]) -> tuple[torch.Tensor, float]:
-        """Forward and backward of this rank's share of one batch; returns its summed loss and weight."""
+    def _accumulate(self, batch_ids: list[int]) -> tuple[torch.Tensor, float, bool]:
+        """Forward and backward of this rank's share of one batch; returns its summed loss, weight, finiteness."""
         mine, weight = self.world.shard(batch_ids)
         examples = [self.data.train_ex[j] for j in mine]
         batch = {k: v.to(self.device) for k, v in collate(examples, self.data.specials.pad).items()}
@@ -409,7 +409,7 @@ class TrainingRun:
         if finite and weight:
             self.progress.total_loss += loss_sum.item()
             self.progress.seen += len(mine)
-        return loss_sum, weight
+        return loss_sum, weight, finite
 
     def _optimizer_step(self, loss_finite: bool, epoch: int) -> bool:
         """Clip and step; a non-finite gradient drops the step instead (and stops a run that keeps diverging)."""

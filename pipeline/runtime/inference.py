@@ -118,21 +118,11 @@ class NerRuntime:
 
     def predict(self, texts: list[str]) -> list[TextPrediction]:
         """Entities for each text, in input order."""
-        return self._predict(texts, [split_words(t) for t in texts])
+        return self.predict_words(texts, [split_words(t) for t in texts])
 
-    def predict_words(self, words: list[list[str]]) -> list[TextPrediction]:
-        """Entities for texts already cut into words (CoNLL), offsets into the words joined by single spaces."""
-        texts, spans = [], []
-        for ws in words:
-            offsets, at = [], 0
-            for w in ws:
-                offsets.append((at, at + len(w)))
-                at += len(w) + 1
-            texts.append(" ".join(ws))
-            spans.append(offsets)
-        return self._predict(texts, spans)
-
-    def _predict(self, texts: list[str], words: list[list[tuple[int, int]]]) -> list[TextPrediction]:
+    def predict_words(self, texts: list[str], words: list[list[tuple[int, int]]]) -> list[TextPrediction]:
+        """Entities for texts already cut into words: ``words[i]`` are (start, end) offsets into ``texts[i]``
+        (a CoNLL ``Sentence``'s ``text`` and ``words``)."""
         emissions = self.word_emissions([[t[s:e] for s, e in w] for t, w in zip(texts, words)])
         out: list[TextPrediction | None] = [TextPrediction([], 1.0) if not w else None for w in words]
         for idx, paths, best, probs, log_z in self._decode_batches(emissions):
