@@ -40,7 +40,7 @@ from pipeline.core.params import load_params  # noqa: E402
 from pipeline.core.words import split_words  # noqa: E402
 from pipeline.labelstudio.tasks import iter_export, task_text  # noqa: E402
 from pipeline.runtime.inference import NerRuntime  # noqa: E402
-from serve.app import Settings  # noqa: E402
+from serve.settings import Settings  # noqa: E402
 from tests.service_process import ServiceProcess  # noqa: E402
 
 log = logging.getLogger("benchmarks.serve")

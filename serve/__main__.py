@@ -20,7 +20,8 @@ from typing import Any
 import uvicorn
 
 from pipeline.core.errors import ModelLoadError
-from serve.app import Settings, create_app
+from serve.app import create_app
+from serve.settings import Settings
 
 log = logging.getLogger("serve")
 

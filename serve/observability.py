@@ -81,6 +81,16 @@ class Metrics:
             self.set_model(result.model_version)
 
 
+def _flat(routes: Any) -> Any:
+    """The routes, with those of included routers (FastAPI wraps each ``include_router`` in one entry) inline."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
+
+
 class AccessLog:
     """ASGI wrapper: one JSON log line and the request metrics for every HTTP request."""
 
@@ -91,8 +101,11 @@ class AccessLog:
 
     def route_of(self, scope: Scope) -> str:
         """The template of the route that answers (or that exists under another method: a 405), else UNMATCHED."""
-        partial = UNMATCHED
-        for route in self.routes:
+        routed = scope.get("route")  # set by the router on the way in (FULL or PARTIAL match)
+        if routed is not None:
+            return getattr(routed, "path", UNMATCHED)
+        partial = UNMATCHED  # the request never reached the router (a 401, a 413 on the body): match it here
+        for route in _flat(self.routes):
             match, _ = route.matches(scope)
             if match is Match.FULL:
                 return getattr(route, "path", UNMATCHED)

@@ -1,0 +1,53 @@
+"""The Label Studio ML-backend protocol: ``/setup``, ``/predict`` and ``/webhook`` (``/health`` is a probe)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from pipeline.labelstudio.regions import to_ls_prediction
+from serve.schemas import PredictRequest, PredictResponse, SetupRequest, SetupResponse
+from serve.state import ServiceState, service, task_texts
+
+log = logging.getLogger("serve.app")
+
+router = APIRouter(tags=["label studio"])
+State = Annotated[ServiceState, Depends(service)]
+
+
+@router.post("/setup", response_model=SetupResponse, responses={413: {"description": "label config too long"}})
+def setup(body: SetupRequest, state: State) -> dict[str, str]:
+    """Label Studio ML backend: reloads the model if its folder changed; checks the project's labels."""
+    state.reloader.check()
+    if body.schema_:
+        config = state.label_configs.parse(body.schema_, "schema")  # a sync route: runs in a worker thread
+        state.labels_or_422(config)
+        state.projects.remember(body.project, config)
+    return {"model_version": state.runtime.model_version}
+
+
+@router.post("/predict", response_model=PredictResponse,
+             responses={413: {"description": "too many tasks, a text or the label config too long"}})
+async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
+    """Label Studio ML backend: one prediction per task, regions named after the label config."""
+    if body.label_config:
+        config = await run_in_threadpool(state.label_configs.parse, body.label_config, "label_config")
+    else:
+        config = state.projects.get(body.project)
+        if config is None:
+            raise HTTPException(status_code=422, detail="no label_config in the request and no /setup for project")
+    state.labels_or_422(config)
+    texts, names = task_texts(body.tasks, config.data_key)
+    state.check_texts(texts, names)
+    out = await state.run(texts)
+    return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
+
+
+@router.post("/webhook")
+async def webhook(body: dict[str, Any]) -> dict[str, str]:
+    """Label Studio webhooks (TASKS_CREATED, PROJECT_UPDATED, ...): accepted and logged."""
+    log.info("webhook %s", body.get("action"))
+    return {"status": "ok"}

@@ -1,0 +1,66 @@
+"""The service's request and response bodies (pydantic): what OpenAPI shows and what FastAPI validates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class NerRequest(BaseModel):
+    texts: list[str] = Field(min_length=1, description="texts to tag")
+
+
+class EntityOut(BaseModel):
+    start: int = Field(description="character offset (Python string index) of the first character")
+    end: int = Field(description="offset after the last character")
+    text: str
+    label: str
+    score: float = Field(description="mean marginal probability of the entity's tags")
+
+
+class TextResult(BaseModel):
+    entities: list[EntityOut]
+    score: float = Field(description="probability of the whole decoded tag sequence")
+    confidence: dict[str, float] = Field(default_factory=dict, description=(
+        "the three confidences active learning sorts by (sequence, min_entity, entropy), low = doubtful"))
+
+
+class NerResponse(BaseModel):
+    model_version: str
+    results: list[TextResult]
+
+
+class ModelResponse(BaseModel):
+    model_version: str
+    labels: list[str]
+    scheme: str | None = None
+    model_dir: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_version: str
+
+
+class SetupRequest(BaseModel):
+    project: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    hostname: str | None = None
+    access_token: str | None = None
+    extra_params: Any = None
+
+
+class SetupResponse(BaseModel):
+    model_version: str
+
+
+class PredictRequest(BaseModel):
+    tasks: list[dict[str, Any]]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] | None = None
+
+
+class PredictResponse(BaseModel):
+    results: list[dict[str, Any]] = Field(description="one Label Studio prediction per task, in task order")

@@ -1,0 +1,75 @@
+"""Every knob of the service, read from ``NER_*`` environment variables (``python -m serve`` flags set them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+API_KEY_ENV = "NER_API_KEY"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service; ``from_env`` reads them from ``NER_*`` variables."""
+
+    model_dir: Path = Path("models/onnx")
+    api_key: str | None = None
+    max_texts: int = 256            # texts per request
+    max_chars: int = 100_000        # characters per text (long texts are windowed)
+    max_body_bytes: int = 10 << 20  # request body
+    max_config_chars: int = 262_144  # a label config in /predict or /setup
+    max_batch_size: int = 64        # texts per runtime call (micro-batch)
+    max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
+    onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
+    quantized: bool = False         # serve model.int8.onnx
+    threads: int = 0                # ONNX Runtime intra-op threads (0: all cores but one, which HTTP keeps)
+
+    ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
+           "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
+           "max_config_chars": "NER_MAX_CONFIG_CHARS",
+           "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
+           "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
+           "quantized": "NER_QUANTIZED", "threads": "NER_THREADS"}
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({self.ENV[name]}) must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(cls.ENV[f.name])
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _parse(f.name, raw)
+            except ValueError:
+                raise ValueError(f"{cls.ENV[f.name]}={raw!r} is not a valid {f.name}") from None
+        return cls(**values)
+
+    def ort_threads(self) -> int:
+        """ONNX Runtime's threads spin while they wait for work: leave the event loop a core of its own."""
+        if self.threads > 0:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores - 1)
+
+
+def _parse(name: str, raw: str) -> Any:
+    if name == "model_dir":
+        return Path(raw)
+    if name == "api_key":
+        return raw
+    if name == "quantized":
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(raw)
+        return raw.lower() in ("1", "true", "yes")
+    value = float(raw) if name == "max_wait_ms" else int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value

@@ -1,0 +1,157 @@
+"""What the service holds while it runs: the model (behind the micro-batcher), its reloader, the label configs.
+
+One :class:`ServiceState` per app, built by ``serve.app.create_app`` and handed to the routes (``serve/routes/``)
+as a FastAPI dependency: the routes are plain functions of the request and this state, with nothing hidden in
+closures. Loading a model folder (and saying in one line why one does not load) lives here too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request
+
+from pipeline.core.errors import LabelConfigMismatch, ModelLoadError
+from pipeline.labelstudio.labelconfig import LabelConfig, check_labels
+from pipeline.runtime.inference import CRF_FILE, INFO_FILE, NerRuntime
+from serve.batching import Batched, MicroBatcher
+from serve.errors import printable
+from serve.labels import LabelConfigs, utf8_or_422
+from serve.observability import Metrics
+from serve.reload import ModelReloader
+from serve.settings import Settings
+
+
+#: Projects whose label config ``/setup`` remembers (least recently used forgotten first): a client cannot
+#: grow the service's memory by sending ``/setup`` for ever new project ids.
+MAX_PROJECTS = 256
+
+
+class ProjectConfigs:
+    """The label config each Label Studio project sent to ``/setup``, keyed by project id; bounded LRU."""
+
+    def __init__(self, max_projects: int = MAX_PROJECTS) -> None:
+        self.max_projects = max_projects
+        self._configs: OrderedDict[str, LabelConfig] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, project: str | None, config: LabelConfig) -> None:
+        with self._lock:
+            self._configs[project_key(project)] = config
+            self._configs.move_to_end(project_key(project))
+            while len(self._configs) > self.max_projects:
+                self._configs.popitem(last=False)
+
+    def get(self, project: str | None) -> LabelConfig | None:
+        with self._lock:
+            config = self._configs.get(project_key(project))
+            if config is not None:
+                self._configs.move_to_end(project_key(project))
+            return config
+
+
+class ServiceState:
+    """The served model and everything around it; the routes read it, ``create_app``'s lifespan starts it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        runtime = load_runtime(settings.model_dir, settings)
+        self.metrics.set_model(runtime.model_version)
+        self.batcher = MicroBatcher(runtime, max_batch_size=settings.max_batch_size,
+                                    max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.observe_batch)
+        self.reloader = ModelReloader(settings.model_dir, self.load, self.batcher,
+                                      on_reload=self.metrics.observe_reload)
+        self.label_configs = LabelConfigs(settings.max_config_chars)
+        self.projects = ProjectConfigs()
+        self.ready = False
+
+    def load(self, model_dir: Path) -> NerRuntime:
+        return load_runtime(model_dir, self.settings)
+
+    @property
+    def runtime(self) -> NerRuntime:
+        """The runtime serving now (a reload swaps it between batches)."""
+        return self.batcher.runtime
+
+    def check_texts(self, texts: list[str], names: list[str] | None = None) -> None:
+        """Count and length limits (413) and valid Unicode (422); ``names[i]`` names text i in the error."""
+        if len(texts) > self.settings.max_texts:
+            raise HTTPException(status_code=413,
+                                detail=f"{len(texts)} texts; at most {self.settings.max_texts} per request")
+        for i, text in enumerate(texts):
+            name = names[i] if names else f"text {i}"
+            if len(text) > self.settings.max_chars:
+                raise HTTPException(status_code=413, detail=f"{name} has {len(text)} characters; at most "
+                                                            f"{self.settings.max_chars}")
+            utf8_or_422(text, name)
+
+    async def run(self, texts: list[str]) -> Batched:
+        """Predictions for ``texts`` through the micro-batcher (shared with concurrent requests)."""
+        if not texts:
+            return Batched([], self.runtime.model_version)
+        return await self.batcher.submit(texts)
+
+    def labels_or_422(self, config: LabelConfig) -> None:
+        """The served model's entity types must map onto the config's labels (422 naming the missing ones)."""
+        try:
+            check_labels(self.runtime.entity_types, config)
+        except LabelConfigMismatch as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+def service(request: Request) -> ServiceState:
+    """FastAPI dependency: the app's :class:`ServiceState`."""
+    return request.app.state.service
+
+
+def project_key(project: str | None) -> str:
+    """Label Studio sends ``"<id>.<timestamp>"``; the id is the project."""
+    return (project or "").split(".")[0]
+
+
+def task_texts(tasks: list[dict[str, Any]], data_key: str) -> tuple[list[str], list[str]]:
+    """Each task's ``data[data_key]`` and its name for errors (``tasks[3] (id 17): data.text``); 422 if not a str."""
+    texts, names = [], []
+    for i, task in enumerate(tasks):
+        name = f"tasks[{i}]" + (f" (id {printable(task['id'])})" if "id" in task else "") + f": data.{data_key}"
+        data = task.get("data")
+        text = data.get(data_key) if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise HTTPException(status_code=422, detail=f"{name} must be a string")
+        texts.append(text)
+        names.append(name)
+    return texts, names
+
+
+def load_runtime(model_dir: Path, settings: Settings) -> NerRuntime:
+    """The model folder loaded and warmed up; any refusal is a :class:`ModelLoadError` naming the folder and why."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model folder {model_dir} does not exist ({Settings.ENV['model_dir']}, --model-dir); "
+                             "run the export stage first")
+    try:
+        runtime = NerRuntime(model_dir, quantized=settings.quantized, threads=settings.ort_threads(),
+                             batch_size=max(1, settings.onnx_batch_size))
+        runtime.predict(["warm up"])  # the first ONNX run builds kernels, and shows a graph that does not run
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime, tokenizers and json each raise their own types
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {_load_problem(model_dir, exc)}") from exc
+    return runtime
+
+
+def _load_problem(model_dir: Path, exc: Exception) -> str:
+    """What is wrong, in one line: a JSON file of the folder that does not parse, else the error's first line."""
+    for path in sorted(model_dir.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as bad:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{path.name} is not valid JSON ({str(bad).splitlines()[0]})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KeyError):
+        return f"{CRF_FILE} or {INFO_FILE} lacks the entry {text}"
+    return f"{type(exc).__name__}: {text}"
