@@ -2,6 +2,7 @@
 
 import pytest
 
+from pipeline.core.config import ConvertConfig
 from pipeline.core.tags import tags_to_spans
 from pipeline.labelstudio.labelconfig import parse_label_config
 from pipeline.labelstudio.sentences import convert_tasks
@@ -12,7 +13,8 @@ from scripts.build_msra_export import LABEL_CONFIG, corpus_path, read_sentences,
 def test_msra_export_converts_char_level_and_round_trips(scheme):
     sentences = read_sentences(corpus_path("test"), limit=500)
     tasks = [to_task(i + 1, s) for i, s in enumerate(sentences)]
-    splits, report = convert_tasks(tasks, parse_label_config(LABEL_CONFIG), scheme=scheme)
+    splits, report = convert_tasks(tasks, parse_label_config(LABEL_CONFIG),
+                                   policies=ConvertConfig(scheme=scheme))
     converted = {s.task_id: s for group in splits.values() for s in group}
     assert len(converted) == len(tasks)
     assert report.spans == []

@@ -39,6 +39,11 @@ def test_every_section_of_the_params_files_validates_and_shows_every_key(path):
 @pytest.mark.parametrize("section,key,value,message", [
     ("convert", "overlap", "shortest", "convert.overlap: Input should be 'longest' or 'error' (got 'shortest')"),
     ("convert", "split", {"key": "text", "dev": 2}, "convert.split.dev: Input should be less than or equal to 1"),
+    ("convert", "split", {"key": "id"}, "convert.split.key: Input should be 'text' or 'task_id' (got 'id')"),
+    ("convert", "scheme", "BILOU", "convert.scheme: Input should be 'BIO' or 'BIOES' (got 'BILOU')"),
+    ("convert", "unknown_label", "drop", "convert.unknown_label: Input should be 'error' or 'ignore'"),
+    ("convert", "bad_tasks", "ignore", "convert.bad_tasks: Input should be 'error' or 'skip'"),
+    ("convert", "annotations", "latest", "convert.annotations: Input should be 'ground_truth_or_latest' or 'all'"),
     ("export", "quantise", True, "export.quantise: Extra inputs are not permitted"),
     ("predict", "batch_size", 0, "predict.batch_size: Input should be greater than 0"),
     ("push", "mode", "replace", "push.mode: Input should be 'attach' or 'import'"),

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pipeline.core.config import ConvertConfig
 from pipeline.core.conll import read_conll, write_conll
 from pipeline.core.errors import ConversionError, TaskError
 from pipeline.core.tags import tags_to_spans
@@ -22,6 +23,8 @@ CONFIG_XML = """<View>
   <Text name="text" value="$text"/>
 </View>"""
 CONFIG = parse_label_config(CONFIG_XML)
+SKIP_BROKEN = ConvertConfig(bad_tasks="skip")
+IGNORE_UNKNOWN = ConvertConfig(unknown_label="ignore")
 
 
 def region(start, end, label, text, *, item_type="labels"):
@@ -107,7 +110,8 @@ def test_overlap_policy_error_names_the_task():
     text = "Bank of America Tower"
     with pytest.raises(ConversionError, match="task 3"):
         convert_tasks([task(3, text, region(0, 15, "ORG", "Bank of America"),
-                            region(0, 21, "LOC", "Bank of America Tower"))], CONFIG, overlap="error")
+                            region(0, 21, "LOC", "Bank of America Tower"))], CONFIG,
+                      policies=ConvertConfig(overlap="error"))
 
 
 def test_cancelled_and_unlabeled_tasks_are_not_training_data_but_are_counted():
@@ -140,7 +144,7 @@ def test_unknown_label_is_an_error_naming_the_task_or_ignored_with_a_count():
     t = task(42, "Paris", region(0, 5, "CITY", "Paris"))
     with pytest.raises(ConversionError, match=r"task 42.*'CITY'"):
         convert_tasks([t], CONFIG)
-    _, report = convert_tasks([t, task(43, "Obama", region(0, 5, "PER", "Obama"))], CONFIG, unknown_label="ignore")
+    _, report = convert_tasks([t, task(43, "Obama", region(0, 5, "PER", "Obama"))], CONFIG, policies=IGNORE_UNKNOWN)
     assert report.counts["spans_dropped:unknown_label"] == 1
 
 
@@ -195,7 +199,7 @@ def test_run_writes_conll_labels_and_report_that_read_back_exactly(tmp_path):
     tasks = [task(i, f"{text} #{i}", region(0, 12, "PER", "Barack Obama"), region(23, 25, "LOC", "北京"))
              for i in range(1, 30)]
     export, config = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))
-    run(export, config, tmp_path / "conll", tmp_path / "report.json", scheme="BIOES")
+    run(export, config, tmp_path / "conll", tmp_path / "report.json", policies=ConvertConfig(scheme="BIOES"))
     labels = json.loads((tmp_path / "conll" / "labels.json").read_text())
     assert labels["entity_types"] == ["PER", "LOC", "ORG"] and "S-LOC" in labels["tags"]
     sentences = [s for name in ("train", "dev", "test") for s in read_conll(tmp_path / "conll" / f"{name}.conll")]
@@ -246,7 +250,8 @@ def test_spans_round_trip_exactly_through_the_conll_files(tmp_path_factory, case
     assume(split_words(text))  # a text without any word is not a training sentence
     tmp = tmp_path_factory.mktemp("rt")
     t = task(1, text, *[region(s, e, label, text[s:e]) for s, e, label in spans])
-    run(tmp / "x.json", write_export(tmp, "[]")[1], tmp / "conll", tmp / "r.json", tasks=[t], scheme=scheme)
+    run(tmp / "x.json", write_export(tmp, "[]")[1], tmp / "conll", tmp / "r.json", tasks=[t],
+        policies=ConvertConfig(scheme=scheme))
     [sentence] = [s for name in ("train", "dev", "test") for s in read_conll(tmp / "conll" / f"{name}.conll")]
     rebuilt = [(sentence.words[first][0], sentence.words[last - 1][1], label)
                for first, last, label in tags_to_spans(sentence.tags)]
@@ -307,10 +312,11 @@ def test_bad_task_in_a_parallel_run_reports_like_one_pass(tmp_path):
     export, config = write_export(tmp_path, json.dumps(tasks, ensure_ascii=False))
     with pytest.raises(ConversionError, match=r"task 1501, field .*negative or reversed"):
         run(export, config, tmp_path / "out", tmp_path / "r.json", workers=2, parallel_min_bytes=0,
-            bad_tasks="error")
+            policies=ConvertConfig(bad_tasks="error"))
     assert not (tmp_path / "out").exists()
-    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1, bad_tasks="skip")
-    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=2, parallel_min_bytes=0, bad_tasks="skip")
+    run(export, config, tmp_path / "one", tmp_path / "one.json", workers=1, policies=SKIP_BROKEN)
+    run(export, config, tmp_path / "many", tmp_path / "many.json", workers=2, parallel_min_bytes=0,
+        policies=SKIP_BROKEN)
     one = json.loads((tmp_path / "one.json").read_text())
     assert json.loads((tmp_path / "many.json").read_text()) == one
     assert [(t["task_id"], t["field"]) for t in one["skipped_tasks"]] == [
@@ -358,7 +364,8 @@ BROKEN = {
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_a_broken_task_is_skipped_and_listed_with_its_field(case):
     field, message = BROKEN[case]
-    splits, report = convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG, bad_tasks="skip")
+    splits, report = convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG,
+                                   policies=SKIP_BROKEN)
     assert [s.task_id for group in splits.values() for s in group] == ["1"]
     [skipped] = report.skipped
     assert (skipped["task_id"], skipped["field"]) == (2, field)
@@ -370,13 +377,14 @@ def test_a_broken_task_is_skipped_and_listed_with_its_field(case):
 def test_bad_tasks_error_stops_at_the_first_naming_task_and_field(case):
     field, message = BROKEN[case]
     with pytest.raises(TaskError, match=rf"^task 2, field '{re.escape(field)}': .*{message}"):
-        convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG, bad_tasks="error")
+        convert_tasks([task(1, "Obama", region(0, 5, "PER", "Obama")), broken(2, case)], CONFIG,
+                      policies=ConvertConfig(bad_tasks="error"))
 
 
 def test_a_skipped_task_leaves_nothing_of_itself_in_the_counts_or_span_list():
     # the first span is trimmed (a listed change), then the second turns out broken
     t = task(2, "met  Obama  today", region(3, 12, "PER", "  Obama  "), region(0, 3, "PER", 12345))
-    splits, report = convert_tasks([task(1, "Paris", region(0, 5, "LOC", "Paris")), t], CONFIG, bad_tasks="skip")
+    splits, report = convert_tasks([task(1, "Paris", region(0, 5, "LOC", "Paris")), t], CONFIG, policies=SKIP_BROKEN)
     assert report.spans == [] and report.counts["spans_changed:trimmed_whitespace"] == 0
     assert report.counts["spans_matching_config"] == 1 and report.counts["annotations_used"] == 1
     assert [s["task_id"] for s in report.skipped] == [2]
@@ -385,7 +393,7 @@ def test_a_skipped_task_leaves_nothing_of_itself_in_the_counts_or_span_list():
 def test_only_broken_tasks_stop_the_conversion_naming_the_first():
     with pytest.raises(ConversionError, match=r"no task could be converted: 2 skipped as broken, the first task 2, "
                                               r"field 'annotations\[0\]'"):
-        convert_tasks([broken(2, "annotation_null"), broken(3, "result_object")], CONFIG, bad_tasks="skip")
+        convert_tasks([broken(2, "annotation_null"), broken(3, "result_object")], CONFIG, policies=SKIP_BROKEN)
 
 
 @pytest.mark.parametrize("item,message", [
@@ -403,7 +411,7 @@ def test_a_report_holding_a_lone_surrogate_from_the_export_is_still_written(tmp_
     export, config = write_export(tmp_path, "[]")
     t = task(1, "Paris", region(0, 5, "LOC", "Paris"), region(0, 5, "LOC", "Pa\ud800"))  # its value.text
     t["annotations"][0]["result"][1]["value"]["labels"] = ["CITY\udfff"]
-    run(export, config, tmp_path / "conll", tmp_path / "r.json", tasks=[t], unknown_label="ignore")
+    run(export, config, tmp_path / "conll", tmp_path / "r.json", tasks=[t], policies=IGNORE_UNKNOWN)
     [dropped] = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["spans"]
     assert dropped["label"] == "CITY\udfff" and dropped["reason"] == "unknown_label"
 
@@ -430,7 +438,7 @@ def test_an_export_whose_control_was_renamed_stops_instead_of_training_on_all_o(
 
 def test_all_labels_unknown_under_ignore_stops_too():
     with pytest.raises(ConversionError, match="every label is one the config does not define"):
-        convert_tasks([task(1, "Paris", region(0, 5, "CITY", "Paris"))], CONFIG, unknown_label="ignore")
+        convert_tasks([task(1, "Paris", region(0, 5, "CITY", "Paris"))], CONFIG, policies=IGNORE_UNKNOWN)
 
 
 def test_repeated_task_ids_are_listed_saying_whether_the_text_differs():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from pipeline.core.config import ConvertConfig
 from pipeline.core.tags import tags_to_spans
 from pipeline.labelstudio.labelconfig import parse_label_config, read_label_config
 from pipeline.labelstudio.ls_converter import convert_items
@@ -101,8 +102,7 @@ def test_engine_is_selectable_from_params(tmp_path):
         main(params)
 
 
-LS_POLICIES = dict(scheme="BIO", overlap="longest", annotations="ground_truth_or_latest", unknown_label="error",
-                   bad_tasks="error", split_key="text", dev=0.0, test=0.0)
+LS_POLICIES = ConvertConfig(split={"dev": 0.0, "test": 0.0})  # the defaults, every sentence in train
 
 
 def ls_run(tmp_path, tasks, **policies):
@@ -113,7 +113,8 @@ def ls_run(tmp_path, tasks, **policies):
     export.write_bytes(gzip.compress(json.dumps(tasks, ensure_ascii=False).encode()))
     config = tmp_path / "config.xml"
     config.write_text(CONFIG_XML, encoding="utf-8")
-    report = run(export, config, tmp_path / "conll", tmp_path / "r.json", **{**LS_POLICIES, **policies})
+    report = run(export, config, tmp_path / "conll", tmp_path / "r.json",
+                 policies=ConvertConfig(split=LS_POLICIES.split, **policies))
     lines = (tmp_path / "conll" / "train.conll").read_text(encoding="utf-8").split("\n\n")
     return [block for block in lines if block.strip()], report
 
@@ -172,5 +173,5 @@ def test_the_sdk_engine_refuses_unreadable_exports_in_one_line(tmp_path, data, m
     config = tmp_path / "config.xml"
     config.write_text(CONFIG_XML, encoding="utf-8")
     with pytest.raises(ConversionError, match=message):
-        run(export, config, tmp_path / "conll", tmp_path / "r.json", **LS_POLICIES)
+        run(export, config, tmp_path / "conll", tmp_path / "r.json", policies=LS_POLICIES)
     assert not (tmp_path / "conll").exists()

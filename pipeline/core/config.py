@@ -69,12 +69,6 @@ class ConvertConfig(SectionConfig):
     bad_tasks: Literal["error", "skip"] = "error"
     split: SplitConfig = SplitConfig()
 
-    def policies(self) -> dict[str, Any]:
-        """Keyword arguments of both engines' ``run``."""
-        return dict(scheme=self.scheme, overlap=self.overlap, annotations=self.annotations,
-                    unknown_label=self.unknown_label, bad_tasks=self.bad_tasks, split_key=self.split.key,
-                    dev=self.split.dev, test=self.split.test)
-
 
 class EvaluateConfig(SectionConfig):
     section: ClassVar[str] = "evaluate"

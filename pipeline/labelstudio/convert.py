@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.config import ConvertConfig
 from pipeline.core.conll import format_sentence
 from pipeline.core.errors import ConversionError
 from pipeline.core.tags import tag_names
@@ -48,37 +49,38 @@ PARALLEL_MIN_BYTES = 8 << 20  # below this, starting processes costs more than i
 
 
 def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str | Path,
-        report_path: str | Path, *, tasks: Iterable[dict[str, Any]] | None = None, workers: int = 1,
-        parallel_min_bytes: int = PARALLEL_MIN_BYTES, **options: Any) -> ConvertReport:
-    """Stream an export into CoNLL files; the output folder is swapped in only when all of it converted.
+        report_path: str | Path, *, policies: ConvertConfig | None = None,
+        tasks: Iterable[dict[str, Any]] | None = None, workers: int = 1,
+        parallel_min_bytes: int = PARALLEL_MIN_BYTES) -> ConvertReport:
+    """Stream an export into CoNLL files under the ``convert.*`` ``policies`` (None: the defaults); the
+    output folder is swapped in only when all of it converted.
 
     Large export files are cut into byte ranges converted by ``workers``
-    processes; the output is the same as from one process.
+    processes (0: one per core); the output is the same as from one process.
     """
     config = read_label_config(label_config_path)
-    scheme = options.get("scheme", "BIO")
-    TaskConverter(config, **options)  # check the options before any work
+    policies = ConvertConfig() if policies is None else policies
     workers = workers or os.cpu_count() or 1
     with atomic_dir(conll_dir) as out:
         report = None
         if tasks is None and workers > 1 and Path(export_path).stat().st_size >= parallel_min_bytes:
-            report = _convert_in_ranges(Path(export_path), config, options, out, workers)
+            report = _convert_in_ranges(Path(export_path), config, policies, out, workers)
         if report is None:
-            report = _convert_stream(tasks if tasks is not None else iter_export(export_path), config, options, out)
-        write_labels(out, config, scheme)
+            report = _convert_stream(tasks if tasks is not None else iter_export(export_path), config, policies, out)
+        write_labels(out, config, policies.scheme)
     write_report(report_path, report)
     log_summary(report, report_path)
     return report
 
 
-def _convert_stream(tasks: Iterable[dict[str, Any]], config: LabelConfig, options: dict[str, Any],
+def _convert_stream(tasks: Iterable[dict[str, Any]], config: LabelConfig, policies: ConvertConfig,
                     out: Path) -> ConvertReport:
-    return _convert_into(tasks, config, options, out, prefix="").finish()
+    return _convert_into(tasks, config, policies, out, prefix="").finish()
 
 
-def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, options: dict[str, Any], out: Path,
+def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, policies: ConvertConfig, out: Path,
                   prefix: str) -> TaskConverter:
-    converter = TaskConverter(config, **options)
+    converter = TaskConverter(config, policies)
     with ExitStack() as stack:
         files = {name: stack.enter_context((out / f"{prefix}{name}.conll").open("w", encoding="utf-8"))
                  for name in SPLITS}
@@ -89,14 +91,14 @@ def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, options:
     return converter
 
 
-def _convert_range(export_path: Path, config: LabelConfig, options: dict[str, Any], out: Path, k: int,
+def _convert_range(export_path: Path, config: LabelConfig, policies: ConvertConfig, out: Path, k: int,
                    start: int, stop: int | None) -> tuple[ConvertReport, list]:
-    converter = _convert_into(iter_json_array(export_path, start=start, stop=stop), config, options, out,
+    converter = _convert_into(iter_json_array(export_path, start=start, stop=stop), config, policies, out,
                               prefix=f".part{k}.")
     return converter.report, converter.records
 
 
-def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str, Any], out: Path,
+def _convert_in_ranges(export_path: Path, config: LabelConfig, policies: ConvertConfig, out: Path,
                        workers: int) -> ConvertReport | None:
     """Convert byte ranges side by side; None means "do it in one pass" (odd file, or an error to report)."""
     starts = _range_starts(export_path, workers)
@@ -104,7 +106,7 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, options: dict[str
         return None
     ranges = list(zip(starts, starts[1:] + [None]))
     with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
-        jobs = [pool.apply_async(_convert_range, (export_path, config, options, out, k, start, stop))
+        jobs = [pool.apply_async(_convert_range, (export_path, config, policies, out, k, start, stop))
                 for k, (start, stop) in enumerate(ranges)]
         try:
             results = [job.get() for job in jobs]

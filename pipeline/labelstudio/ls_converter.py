@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.config import ConvertConfig
 from pipeline.core.conll import Sentence, format_sentence
 from pipeline.core.errors import ConversionError
 from pipeline.labelstudio.convert import write_labels
@@ -101,33 +102,34 @@ def _offsets_by_search(text: str, tokens: list[str]) -> list[tuple[int, int]]:
 
 
 def run(export_path: str | Path, label_config_path: str | Path, conll_dir: str | Path, report_path: str | Path,
-        *, scheme: str, overlap: str, annotations: str, unknown_label: str, bad_tasks: str, split_key: str,
-        dev: float, test: float) -> dict[str, Any]:
+        *, policies: ConvertConfig | None = None) -> dict[str, Any]:
     """Same outputs as the exact engine (files, labels.json, report), produced by Label Studio's converter.
 
-    Every ``convert.*`` policy is honoured, or refused when the SDK cannot follow it.
+    Every ``convert.*`` policy (None: the defaults) is honoured, or refused when the SDK cannot follow it.
     """
-    if scheme != "BIO":
-        raise ConversionError(f"the ls-converter engine writes BIO only, not {scheme}", field="convert.scheme")
-    if bad_tasks != "error":
-        raise ConversionError(f"the ls-converter engine stops at the first broken task; bad_tasks {bad_tasks!r} "
-                              "needs the exact engine", field="convert.bad_tasks")
-    config = read_label_config(label_config_path)
+    policies = ConvertConfig() if policies is None else policies
+    if policies.scheme != "BIO":
+        raise ConversionError(f"the ls-converter engine writes BIO only, not {policies.scheme}",
+                              field="convert.scheme")
+    if policies.bad_tasks != "error":
+        raise ConversionError(f"the ls-converter engine stops at the first broken task; bad_tasks "
+                              f"{policies.bad_tasks!r} needs the exact engine", field="convert.bad_tasks")
+    config, split = read_label_config(label_config_path), policies.split
     policy_report = ConvertReport()
     counts: Counter = Counter()
     with atomic_dir(conll_dir) as out, ExitStack() as stack:
         files = {name: stack.enter_context((out / f"{name}.conll").open("w", encoding="utf-8")) for name in SPLITS}
-        for task_id, sentence in convert_items(export_path, label_config_path, overlap=overlap,
-                                               annotations=annotations, unknown_label=unknown_label,
-                                               report=policy_report):
+        for task_id, sentence in convert_items(export_path, label_config_path, overlap=policies.overlap,
+                                               annotations=policies.annotations,
+                                               unknown_label=policies.unknown_label, report=policy_report):
             counts["sentences"] += 1
-            name = split_of(sentence.text if split_key == "text" else str(task_id), dev, test)
+            name = split_of(sentence.text if split.key == "text" else str(task_id), split.dev, split.test)
             counts[f"split_{name}"] += 1
             files[name].write(format_sentence(sentence))
         stack.close()
         if not counts["sentences"]:
             raise ConversionError("the export holds no tasks")
-        write_labels(out, config, scheme)
+        write_labels(out, config, policies.scheme)
     counts.update(policy_report.counts)
     report = {"engine": "ls-converter", "counts": dict(sorted(counts.items())), "spans": policy_report.spans,
               "note": "label_studio_sdk.converter tokenizes (NLTK Treebank) and tags; our policies choose the "

@@ -11,9 +11,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from pipeline.core.config import ConvertConfig
 from pipeline.core.conll import Sentence
 from pipeline.core.errors import ConversionError, TaskError
-from pipeline.core.tags import SCHEMES, spans_to_tags
+from pipeline.core.tags import spans_to_tags
 from pipeline.core.words import split_at, split_words
 from pipeline.labelstudio.labelconfig import LabelConfig
 from pipeline.labelstudio.report import ConvertReport, Span
@@ -53,30 +54,13 @@ def split_of(key: str, dev: float, test: float) -> str:
 class TaskConverter:
     """Converts tasks one at a time, so an export of any size streams through.
 
-    Holds the policies, the report, and what is needed to spot duplicate
-    texts and ids (hashes only, to keep memory flat).
+    Holds the ``convert.*`` policies (a validated ``ConvertConfig``), the report, and what is needed
+    to spot duplicate texts and ids (hashes only, to keep memory flat).
     """
 
-    def __init__(self, config: LabelConfig, *, scheme: str = "BIO", overlap: str = "longest",
-                 annotations: str = "ground_truth_or_latest", unknown_label: str = "error",
-                 bad_tasks: str = "error", split_key: str = "text", dev: float = 0.1, test: float = 0.1) -> None:
-        if scheme not in SCHEMES:
-            raise ConversionError(f"unknown tag scheme {scheme!r}; use one of {SCHEMES}", field="convert.scheme")
-        if split_key not in ("text", "task_id"):
-            raise ConversionError(f"unknown split key {split_key!r}; use 'text' or 'task_id'",
-                                  field="convert.split.key")
-        if overlap not in ("longest", "error"):
-            raise ConversionError(f"unknown overlap policy {overlap!r}; use 'longest' or 'error'",
-                                  field="convert.overlap")
-        for key, value in (("unknown_label", unknown_label), ("bad_tasks", bad_tasks)):
-            choices = ("error", "ignore") if key == "unknown_label" else ("skip", "error")
-            if value not in choices:
-                raise ConversionError(f"unknown policy {value!r}; use {' or '.join(map(repr, choices))}",
-                                      field=f"convert.{key}")
+    def __init__(self, config: LabelConfig, policies: ConvertConfig | None = None) -> None:
         self.config = config
-        self.scheme, self.overlap, self.annotations, self.unknown_label = scheme, overlap, annotations, unknown_label
-        self.bad_tasks = bad_tasks
-        self.split_key, self.dev, self.test = split_key, dev, test
+        self.policies = ConvertConfig() if policies is None else policies  # its types checked every choice
         self.report = ConvertReport()
         # (task id, text digest, tags hash) per converted task, in export order: duplicates are
         # found once at the end, so ranges converted in parallel give the same report
@@ -91,29 +75,30 @@ class TaskConverter:
         try:
             return self._convert(task)
         except TaskError as exc:
-            if self.bad_tasks == "error":
+            if self.policies.bad_tasks == "error":
                 raise
             report.counts, report.spans[listed:] = Counter(counts), []  # forget what its first spans recorded
             report.skip(exc)
             return None
 
     def _convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
-        report, task_id = self.report, task["id"]
+        report, task_id, policies = self.report, task["id"], self.policies
         text = task_text(task, self.config.data_key)
-        chosen = choose_annotations(task, self.annotations, report)
+        chosen = choose_annotations(task, policies.annotations, report)
         if not chosen:
             report.counts["tasks_unlabeled"] += 1
             return None
         spans = [s for ann in chosen
-                 for s in extract_spans(task, ann, text, self.config, self.unknown_label, report)]
-        spans = resolve_overlaps(spans, self.overlap, task_id, text, report)
-        sentence = tag_sentence(task_id, text, spans, self.scheme, report)
+                 for s in extract_spans(task, ann, text, self.config, policies.unknown_label, report)]
+        spans = resolve_overlaps(spans, policies.overlap, task_id, text, report)
+        sentence = tag_sentence(task_id, text, spans, policies.scheme, report)
         if not sentence.words:
             report.counts["tasks_empty_text"] += 1
             return None
         self.records.append((task_id, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),
                              hash(tuple(sentence.tags))))
-        name = split_of(text if self.split_key == "text" else str(task_id), self.dev, self.test)
+        split = policies.split
+        name = split_of(text if split.key == "text" else str(task_id), split.dev, split.test)
         report.splits[name] += 1
         return name, sentence
 
@@ -181,10 +166,10 @@ def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: Convert
                                  "duplicate_of": seen[0]})
 
 
-def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig,
-                  **options: Any) -> tuple[dict[str, list[Sentence]], ConvertReport]:
+def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig, *,
+                  policies: ConvertConfig | None = None) -> tuple[dict[str, list[Sentence]], ConvertReport]:
     """Convert tasks held in memory (tests, small exports) into train/dev/test sentences."""
-    converter = TaskConverter(config, **options)
+    converter = TaskConverter(config, policies)
     splits: dict[str, list[Sentence]] = {name: [] for name in SPLITS}
     for task in tasks:
         converted = converter.convert(task)

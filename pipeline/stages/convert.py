@@ -1,12 +1,13 @@
 """The convert stage and the pull command: an export file (or a live project) into data/conll and its report.
 
-``main()`` reads its params once and calls the layers with plain values.
+``main()`` reads its params once and hands the engine the validated ``ConvertConfig``.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,14 @@ def main(params: dict[str, Any], engine: str | None = None, project: int | None 
     """Convert the export file, or (``--project``) a live project's export pulled through the SDK."""
     paths, conf = params["paths"], ConvertConfig.from_params(params)
     engine = engine or conf.engine
-    options = conf.policies()
     if engine == "exact":
-        options["workers"] = conf.workers
-        convert_file = run
+        convert_file = partial(run, workers=conf.workers)
     elif engine == "ls-converter":
         from pipeline.labelstudio.ls_converter import run as convert_file
     else:
         raise ConversionError(f"unknown engine {engine!r}; use 'exact' or 'ls-converter'", field="convert.engine")
     if project is None:
-        convert_file(paths["export"], paths["label_config"], paths["conll_dir"], paths["convert_report"], **options)
+        convert_file(paths["export"], paths["label_config"], paths["conll_dir"], paths["convert_report"], policies=conf)
         return
     from pipeline.labelstudio.client import LabelStudioClient
 
@@ -40,7 +39,7 @@ def main(params: dict[str, Any], engine: str | None = None, project: int | None 
         export_path, config_path = Path(tmp) / "export.json", Path(tmp) / "label_config.xml"
         client.export_snapshot(project, export_path)
         config_path.write_text(client.label_config_xml(project), encoding="utf-8")
-        convert_file(export_path, config_path, paths["conll_dir"], paths["convert_report"], **options)
+        convert_file(export_path, config_path, paths["conll_dir"], paths["convert_report"], policies=conf)
 
 
 def pull(params: dict[str, Any], project: int) -> None:
