@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from pipeline.core.errors import ModelLoadError
+from pipeline.core.errors import PipelineError
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -35,6 +35,7 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--max-body-bytes": "max_body_bytes",
     "--max-config-chars": "max_config_chars",
     "--threads": "threads",
+    "--params": "params_file",
 }
 
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, default=None, help=f"${env}; default {getattr(defaults, name)}")
     parser.add_argument("--quantized", action="store_true", default=None,
                         help="serve model.int8.onnx ($NER_QUANTIZED=1)")
+    parser.add_argument("--no-loop", action="store_true", default=None,
+                        help="Start Training does nothing ($NER_LOOP=0); default: it trains a candidate (README)")
     for f in fields(ServerOptions):
         env = ServerOptions.ENV[f.name]
         kind, minimum = SERVER_TYPES[f.name]
@@ -116,6 +119,8 @@ def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
             os.environ[Settings.ENV[name]] = str(value)
     if args.quantized:
         os.environ[Settings.ENV["quantized"]] = "1"
+    if args.no_loop:
+        os.environ[Settings.ENV["loop"]] = "0"
     try:
         return Settings.from_env()  # a bad value stops here with one line, before uvicorn starts
     except ValueError as exc:
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings=settings)  # loads and warms up the model: a refusal stops here
-    except ModelLoadError as exc:
+    except PipelineError as exc:  # a model folder that does not load, a params file that does not parse
         log.error("%s", exc)
         raise SystemExit(1) from None
     if options.workers > 1:  # each worker builds its own app from the environment

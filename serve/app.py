@@ -21,11 +21,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from pipeline.core.errors import ModelLoadError
+from pipeline.core.errors import PipelineError
 from serve.auth import OPEN_PATHS, ApiKeyAuth
 from serve.errors import ShutdownAnswer, install_error_handlers
 from serve.observability import AccessLog, Metrics
-from serve.routes import labelstudio, ner, probes
+from serve.routes import labelstudio, ner, probes, training
 from serve.settings import Settings
 from serve.state import ServiceState
 
@@ -88,7 +88,7 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
     state.batcher.arrivals = app.arrivals
     app.state.service = state
     app.state.batcher, app.state.reloader, app.state.settings = state.batcher, state.reloader, settings
-    for module in (probes, ner, labelstudio):
+    for module in (probes, ner, labelstudio, training):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app, settings.api_key)  # type: ignore[method-assign]
     return app
@@ -112,6 +112,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.ready = False
         if sighup:
             loop.remove_signal_handler(signal.SIGHUP)
+        if state.training is not None:
+            await asyncio.to_thread(state.training.close)
         await asyncio.to_thread(state.batcher.close)
 
 
@@ -147,6 +149,6 @@ def app_from_env() -> NerService:
     """
     try:
         return create_app(settings=Settings.from_env())
-    except ModelLoadError as exc:
+    except PipelineError as exc:  # a model folder that does not load, a params file that does not parse
         log.error("%s", exc)
         raise SystemExit(1) from None

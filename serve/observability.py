@@ -33,6 +33,7 @@ UNMATCHED = "<unmatched>"
 #: RFC 9110's methods plus PATCH: anything else a client makes up is labelled ``other``.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 _KNOWN_STATUSES = frozenset(s.value for s in HTTPStatus)
+JOB_DECISIONS = frozenset({"promoted", "rejected", "failed", "interrupted"})
 
 
 def method_label(method: str) -> str:
@@ -65,6 +66,11 @@ class Metrics:
         self.model_info = Gauge("ner_model_info", "the model being served (value 1)", ["model_version"],
                                 registry=r)
         self.reloads = Counter("ner_model_reloads", "model reload attempts by result", ["result"], registry=r)
+        self.jobs = Counter("ner_training_jobs", "finished training jobs by decision", ["decision"], registry=r)
+        self.job_seconds = Histogram("ner_training_job_duration_seconds", "training job wall time, event to end",
+                                     buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r)
+        self.served_dev_f1 = Gauge("ner_served_model_dev_f1", "dev F1 of the served model on the last job's split",
+                                   registry=r)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_texts.observe(stats.texts)
@@ -74,6 +80,12 @@ class Metrics:
     def set_model(self, model_version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(model_version=model_version).set(1)
+
+    def observe_job(self, decision: str, seconds: float, served_dev_f1: float | None) -> None:
+        self.jobs.labels(decision=decision if decision in JOB_DECISIONS else "other").inc()
+        self.job_seconds.observe(seconds)
+        if served_dev_f1 is not None:
+            self.served_dev_f1.set(served_dev_f1)
 
     def observe_reload(self, result: ReloadResult) -> None:
         self.reloads.labels(result="ok" if result.reloaded else "error").inc()

@@ -64,3 +64,20 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     results: list[dict[str, Any]] = Field(description="one Label Studio prediction per task, in task order")
+
+
+class WebhookResponse(BaseModel):
+    status: str
+    training: str = Field(description="what the event did: started, queued, coalesced (into the queued job), "
+                                       "counted, ignored, or off")
+
+
+class TrainingResponse(BaseModel):
+    enabled: bool = Field(description="whether Start Training trains (NER_LOOP and a params file)")
+    project: int | None = Field(description="the Label Studio project this service trains for")
+    served_version: str
+    current: dict[str, Any] | None = Field(description="the running job: state, stage, epoch, dev_f1_so_far, "
+                                                       "elapsed_s, ...")
+    pending: bool = Field(description="a follow-up job is queued")
+    history: list[dict[str, Any]] = Field(description="the last finished jobs, newest first, with decision "
+                                                      "(promoted, rejected, failed, interrupted), detail, figures")

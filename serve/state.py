@@ -8,7 +8,9 @@ closures. Loading a model folder (and saying in one line why one does not load) 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from fastapi import HTTPException, Request
 
 from pipeline.core.errors import LabelConfigMismatch, ModelLoadError
 from pipeline.labelstudio.labelconfig import LabelConfig, check_labels
+from pipeline.loop.job import JobStatus
 from pipeline.runtime.inference import CRF_FILE, INFO_FILE, NerRuntime
 from serve.batching import Batched, MicroBatcher
 from serve.errors import printable
@@ -24,6 +27,9 @@ from serve.labels import LabelConfigs, utf8_or_422
 from serve.observability import Metrics
 from serve.reload import ModelReloader
 from serve.settings import Settings
+from serve.training import TrainingManager
+
+log = logging.getLogger(__name__)
 
 
 #: Projects whose label config ``/setup`` remembers (least recently used forgotten first): a client cannot
@@ -58,6 +64,11 @@ class ServiceState:
     """The served model and everything around it; the routes read it, ``create_app``'s lifespan starts it."""
 
     def __init__(self, settings: Settings) -> None:
+        self.training = _training_manager(settings, self)
+        if self.training is not None and settings.model_dir == Settings.model_dir:
+            served = self.training.served_link
+            if served.is_dir():  # the loop promoted before: serve what it promoted
+                settings = dataclasses.replace(settings, model_dir=served)
         self.settings = settings
         self.metrics = Metrics()
         runtime = load_runtime(settings.model_dir, settings)
@@ -69,6 +80,22 @@ class ServiceState:
         self.label_configs = LabelConfigs(settings.max_config_chars)
         self.projects = ProjectConfigs()
         self.ready = False
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder served now (the registry's ``served`` link once the loop has promoted a model)."""
+        return self.reloader.model_dir
+
+    def after_job(self, job: JobStatus) -> None:
+        """A training job ended: follow a promotion (switching to the registry's link), record the figures."""
+        if job.decision == "promoted" and self.training is not None:
+            self.reloader.model_dir = self.training.served_link
+            result = self.reloader.check()
+            if result.error:
+                log.error("job %s promoted %s but it does not load: %s", job.job_id, job.version, result.error)
+        served_f1 = (job.candidate if job.decision == "promoted" else job.served) or {}
+        self.metrics.observe_job(job.decision or "failed", (job.finished_at or job.started_at) - job.started_at,
+                                 served_f1.get("dev_f1"))
 
     def load(self, model_dir: Path) -> NerRuntime:
         return load_runtime(model_dir, self.settings)
@@ -102,6 +129,18 @@ class ServiceState:
             check_labels(self.runtime.entity_types, config)
         except LabelConfigMismatch as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+def _training_manager(settings: Settings, state: ServiceState) -> TrainingManager | None:
+    """The labelling loop's job manager, when the loop is on and the service runs in a DVC workspace."""
+    if not settings.loop:
+        return None
+    if not settings.params_file.is_file():
+        log.info("labelling loop off: no %s here (run python -m serve from the project folder, or set %s)",
+                  settings.params_file, Settings.ENV["params_file"])
+        return None
+    return TrainingManager(Path.cwd(), settings.params_file, served_dir=lambda: state.model_dir,
+                           on_finish=state.after_job)
 
 
 def service(request: Request) -> ServiceState:

@@ -30,10 +30,12 @@ class ServiceProcess:
     """``with ServiceProcess(model_dir, log_path, env={...}) as svc:`` ... ``svc.url``; ready on entry."""
 
     def __init__(self, model_dir: str | Path, log_path: str | Path, *, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, startup_timeout: float = 120.0) -> None:
+                 args: list[str] | None = None, startup_timeout: float = 120.0, cwd: str | Path | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
-        self.env = dict(os.environ, **(env or {}))
+        # the labelling loop trains in the folder the service runs in: off unless a test gives it a project copy
+        self.cwd = Path(cwd) if cwd is not None else ROOT
+        self.env = dict(os.environ, **({} if cwd is not None else {"NER_LOOP": "0"}), **(env or {}))
         self.args = list(args or [])
         self.startup_timeout = startup_timeout
         self.port = free_port()
@@ -45,7 +47,7 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "serve", "--model-dir", str(self.model_dir), "--port", str(self.port),
-                 *self.args], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                 *self.args], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

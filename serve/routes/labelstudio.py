@@ -1,8 +1,8 @@
-"""The Label Studio ML-backend protocol: ``/setup``, ``/predict`` and ``/webhook`` (``/health`` is a probe)."""
+"""The Label Studio ML-backend protocol: ``/setup`` and ``/predict`` (``/health`` is a probe; ``/webhook`` and
+``/train`` are the loop's, in ``training.py``)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -11,8 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 from pipeline.labelstudio.regions import to_ls_prediction
 from serve.schemas import PredictRequest, PredictResponse, SetupRequest, SetupResponse
 from serve.state import ServiceState, service, task_texts
-
-log = logging.getLogger("serve.app")
 
 router = APIRouter(tags=["label studio"])
 State = Annotated[ServiceState, Depends(service)]
@@ -44,10 +42,3 @@ async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
     state.check_texts(texts, names)
     out = await state.run(texts)
     return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
-
-
-@router.post("/webhook")
-async def webhook(body: dict[str, Any]) -> dict[str, str]:
-    """Label Studio webhooks (TASKS_CREATED, PROJECT_UPDATED, ...): accepted and logged."""
-    log.info("webhook %s", body.get("action"))
-    return {"status": "ok"}

@@ -18,7 +18,7 @@ async def model_info(state: State) -> dict[str, Any]:
     """The model being served: version, entity labels, tag scheme."""
     current = state.runtime
     return {"model_version": current.model_version, "labels": current.entity_types,
-            "scheme": current.info.get("scheme"), "model_dir": str(state.settings.model_dir)}
+            "scheme": current.info.get("scheme"), "model_dir": str(state.model_dir)}
 
 
 @router.post("/v1/ner", response_model=NerResponse,
