@@ -36,6 +36,7 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--max-config-chars": "max_config_chars",
     "--threads": "threads",
     "--params": "params_file",
+    "--public-url": "public_url",
 }
 
 

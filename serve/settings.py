@@ -27,6 +27,7 @@ class Settings:
     threads: int = 0                # ONNX Runtime intra-op threads (0: all cores but one, which HTTP keeps)
     params_file: Path = Path("params.yaml")  # the DVC workspace's params: the labelling loop trains with them
     loop: bool = True               # Start Training runs the labelling loop (needs params_file; README)
+    public_url: str | None = None   # the URL Label Studio reaches this service at: its webhook then gets the key
 
     ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
@@ -34,7 +35,7 @@ class Settings:
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS", "params_file": "NER_PARAMS",
-           "loop": "NER_LOOP"}
+           "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL"}
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
@@ -66,7 +67,7 @@ class Settings:
 def _parse(name: str, raw: str) -> Any:
     if name in ("model_dir", "params_file"):
         return Path(raw)
-    if name == "api_key":
+    if name in ("api_key", "public_url"):
         return raw
     if name in ("quantized", "loop"):
         if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):

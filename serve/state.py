@@ -27,7 +27,7 @@ from serve.labels import LabelConfigs, utf8_or_422
 from serve.observability import Metrics
 from serve.reload import ModelReloader
 from serve.settings import Settings
-from serve.training import TrainingManager
+from serve.training import TrainingManager, Webhook
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,11 @@ def _training_manager(settings: Settings, state: ServiceState) -> TrainingManage
         log.info("labelling loop off: no %s here (run python -m serve from the project folder, or set %s)",
                   settings.params_file, Settings.ENV["params_file"])
         return None
+    webhook = None
+    if settings.public_url and settings.api_key:
+        webhook = Webhook(settings.public_url, settings.api_key)
     return TrainingManager(Path.cwd(), settings.params_file, served_dir=lambda: state.model_dir,
-                           on_finish=state.after_job)
+                           on_finish=state.after_job, webhook=webhook)
 
 
 def service(request: Request) -> ServiceState:

@@ -30,7 +30,8 @@ from typing import Any
 
 from pipeline.core.atomic import write_json
 from pipeline.core.config import LoopConfig
-from pipeline.core.errors import ParamsError
+from pipeline.core.errors import ParamsError, PipelineError
+from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.core.params import load_params
 from pipeline.loop.job import STATUS_FILE, JobStatus
 from pipeline.loop.registry import Registry
@@ -38,6 +39,40 @@ from pipeline.loop.registry import Registry
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
+
+
+#: Projects whose webhook the service sets up at most (a client cannot make it call Label Studio without end).
+MAX_CONNECTED = 64
+
+
+class Webhook:
+    """The webhook Label Studio made for this backend (``<public url>/webhook``), given our key as a header.
+
+    Label Studio creates it, without credentials, when the backend is connected, so annotation events would
+    be refused (401) by a service that checks a key. With ``NER_PUBLIC_URL`` (the URL Label Studio was given)
+    and ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``, the service adds ``Authorization: Bearer <key>`` to
+    exactly that webhook. It may not exist yet when ``/setup`` arrives: a few tries, a second apart.
+    """
+
+    def __init__(self, public_url: str, api_key: str, tries: int = 20) -> None:
+        self.url = public_url.rstrip("/") + "/webhook"
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self.tries = tries
+
+    def authorize(self, project: int) -> bool:
+        try:
+            client = LabelStudioClient.from_env(retries=2)
+            for _ in range(self.tries):
+                if client.add_webhook_headers(project, self.url, self._headers):
+                    log.info("project %d: its webhook %s now carries the key", project, self.url)
+                    return True
+                time.sleep(1.0)
+        except PipelineError as exc:
+            log.warning("project %d: could not give its webhook the key (%s); annotation events will be "
+                        "refused until it has an Authorization header (README)", project, exc)
+            return False
+        log.warning("project %d has no webhook to %s; annotation events need one (README)", project, self.url)
+        return False
 
 
 class TrainingRefused(Exception):
@@ -48,13 +83,14 @@ class TrainingManager:
     """One job at a time, a coalesced follow-up, the history, and the bound project."""
 
     def __init__(self, root: Path, params_file: Path, served_dir: Callable[[], Path | None],
-                 on_finish: Callable[[JobStatus], None]) -> None:
+                 on_finish: Callable[[JobStatus], None], webhook: Webhook | None = None) -> None:
         params = load_params(params_file)
         self.root, self.params_file = root, params_file
         self.conf = LoopConfig.from_params(params)
         self.loop_dir = root / _path(params, "loop_dir", params_file)
         self.served_link = Registry(root / _path(params, "registry_dir", params_file)).served_link
-        self.served_dir, self.on_finish = served_dir, on_finish
+        self.served_dir, self.on_finish, self.webhook = served_dir, on_finish, webhook
+        self._connected: set[int] = set()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._current: JobStatus | None = None
@@ -86,6 +122,15 @@ class TrainingManager:
                 return "counted"
             self._annotations = 0
         return self.request(project, f"{every} new or updated annotations")
+
+    def connect(self, project: int) -> None:
+        """A project connected (``/setup``): once, in the background, give its webhook to us our key."""
+        with self._lock:
+            if self.webhook is None or project in self._connected or len(self._connected) >= MAX_CONNECTED:
+                return
+            self._connected.add(project)
+        threading.Thread(target=self.webhook.authorize, args=(project,), name=f"webhook-{project}",
+                         daemon=True).start()
 
     # -- what /v1/training shows ----------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -133,3 +133,18 @@ def test_the_loop_is_off_without_a_params_file_and_with_no_loop(pipeline_run, tm
             assert start_training(client).json() == {"status": "ok", "training": "off"}
             assert client.post("/train", json={"project": 7}).status_code == 409
     assert not os.path.exists(tmp_path / "data" / "loop")
+
+
+def test_every_n_annotation_events_start_a_job(pipeline_run, workspace, hung_server):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["loop"]["every_annotations"] = 3
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"NER_API_KEY": API_KEY, "LABEL_STUDIO_URL": hung_server, "LABEL_STUDIO_API_KEY": "k" * 40}
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "annotation": {"id": 1}, "task": {"id": 2}}
+    with ServiceProcess(pipeline_run.path("onnx_dir"), workspace / "serve.log", env=env, cwd=workspace) as svc, \
+            httpx.Client(base_url=svc.url, headers=AUTH, timeout=30) as client:
+        answers = [client.post("/webhook", json=event).json()["training"] for _ in range(4)]
+        assert answers == ["counted", "counted", "started", "counted"]
+        assert client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 4}}).json()[
+            "training"] == "ignored"
+        assert client.get("/v1/training").json()["current"]["reason"] == "3 new or updated annotations"

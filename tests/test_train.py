@@ -202,3 +202,29 @@ def test_a_value_of_the_wrong_type_is_an_error_naming_the_key():
     with pytest.raises(ParamsError, match=r"train\.lr_head: .*'fast'") as excinfo:
         TrainConfig.from_params({"lr_head": "fast", "epochs": 6})
     assert "train.epochs" not in str(excinfo.value)
+
+
+def test_a_warm_start_begins_from_the_trained_weights_and_refuses_another_tag_set(tmp_path, tiny_encoder,
+                                                                                 monkeypatch):
+    from pipeline.modeling.model import load_model
+    from pipeline.modeling.train import prepare
+
+    params = make_train_project(tmp_path, tiny_encoder, 60, epochs=1, batch_size=8, lstm_hidden=8, threads=1)
+    monkeypatch.chdir(tmp_path)
+    train("data/conll", tiny_encoder, "models/best", "dvclive/train", TrainConfig.from_params(params["train"]), 0)
+    trained, _ = load_model("models/best")
+    warm = TrainConfig.from_params({**params["train"], "init_from": "models/best"})
+    model, _ = prepare("data/conll", tiny_encoder, warm, torch.device("cpu"))
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    cold, _ = prepare("data/conll", tiny_encoder, TrainConfig.from_params(params["train"]), torch.device("cpu"))
+    assert not torch.equal(cold.state_dict()["crf.transitions"], trained.state_dict()["crf.transitions"])
+
+    labels = json.loads((tmp_path / "models" / "best" / "labels.json").read_text())
+    (tmp_path / "models" / "best" / "labels.json").write_text(json.dumps({**labels, "tags": labels["tags"][:-1]}))
+    with pytest.raises(ParamsError, match="train.init_from: .* trained on the tags"):
+        prepare("data/conll", tiny_encoder, warm, torch.device("cpu"))
+    bigger = TrainConfig.from_params({**params["train"], "init_from": "models/best", "lstm_hidden": 16})
+    (tmp_path / "models" / "best" / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ParamsError, match="does not fit this model"):
+        prepare("data/conll", tiny_encoder, bigger, torch.device("cpu"))

@@ -134,6 +134,21 @@ class LabelStudioClient:
         log.info("exported project %d to %s", project_id, path)
         return Path(path)
 
+    def add_webhook_headers(self, project_id: int, url: str, headers: dict[str, str]) -> int:
+        """Give the project's webhooks that post to ``url`` these ``headers``; return how many post there.
+
+        The webhook Label Studio creates for a connected ML backend (``<backend url>/webhook``, every action)
+        carries no credentials, so a backend that checks a key refuses its annotation events until it has one.
+        """
+        hooks = self._call(f"list webhooks of project {project_id}", self._sdk.webhooks.list, project=str(project_id))
+        matching = [h for h in hooks if (h.url or "").rstrip("/") == url.rstrip("/")]
+        for hook in matching:
+            current = dict(hook.headers or {}) if isinstance(hook.headers, dict) else {}
+            if any(current.get(k) != v for k, v in headers.items()):
+                self._call(f"update webhook {hook.id}", self._sdk.webhooks.update, hook.id,
+                           headers={**current, **headers})
+        return len(matching)
+
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
         """Import tasks (optionally with inline ``predictions``); return the new task ids."""
         response = self._call(f"import {len(tasks)} tasks into project {project_id}",

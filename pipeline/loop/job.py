@@ -54,6 +54,7 @@ class JobStatus:
     epoch: int | None = None
     dev_f1_so_far: float | None = None
     experiment: str | None = None
+    warm_from: str | None = None     # the served version whose weights the candidate started from (loop.warm_start)
     commit: str | None = None
     data_hash: str | None = None
     candidate: dict[str, float] | None = None
@@ -63,6 +64,7 @@ class JobStatus:
     decision: str | None = None      # promoted | rejected | failed | interrupted
     detail: str | None = None        # the gate's reason, or the failure's cause
     pushed: dict[str, int] | None = None
+    timeline: dict[str, float] = field(default_factory=dict)  # seconds from the start to each step's start
     pid: int | None = None
 
     @classmethod
@@ -74,6 +76,7 @@ class JobStatus:
         write_json(Path(job_dir) / STATUS_FILE, asdict(self))
 
     def finish(self, decision: str, detail: str) -> None:
+        self.timeline["done"] = round(time.time() - self.started_at, 1)
         self.state = self.decision = decision
         self.detail, self.stage, self.finished_at = detail, "done", time.time()
 
@@ -86,6 +89,8 @@ class JobPaths:
     loop_dir: Path      # relative to root: snapshots/ and jobs/
     registry_dir: Path  # relative to root: registry.json, versions/, served
     job_id: str
+    model_dir: Path = Path("models/best")  # the workspace's trained model (paths.model_dir)...
+    onnx_dir: Path = Path("models/onnx")   # ...and its export (paths.onnx_dir): a warm start's weights
 
     @property
     def job_dir(self) -> Path:
@@ -107,6 +112,7 @@ def run_job(paths: JobPaths, status: JobStatus, conf: LoopConfig, push_conf: Pus
 
     def step(stage: str) -> None:
         status.stage = stage
+        status.timeline[stage] = round(time.time() - status.started_at, 1)
         status.write(job_dir)
         log.info("job %s: %s", status.job_id, stage)
 
@@ -115,16 +121,9 @@ def run_job(paths: JobPaths, status: JobStatus, conf: LoopConfig, push_conf: Pus
         snapshot = take_snapshot(client, status.project, paths)
         status.data_hash = snapshot.name
         step("train")
-        status.experiment = f"loop-{status.project}-{status.job_id}"
-        status.commit = run_experiment(paths.root, status.experiment, _overrides(snapshot, status.experiment),
-                                       copy_paths=[snapshot.as_posix()],
-                                       on_line=lambda line: _progress(line, status, job_dir))
+        _train(paths, status, conf, snapshot, served_dir)
         step("score")
-        candidate_dir, conll_dir = _fetch_candidate(paths, status)
-        status.candidate = score_model(candidate_dir, conll_dir)
-        if served_dir is not None:
-            status.served_version = _version_of(served_dir)
-            status.served = score_model(served_dir, conll_dir)
+        candidate_dir = _score(paths, status, served_dir)
         step("gate")
         decision = decide(status.candidate, status.served, min_gain=conf.min_gain, max_test_drop=conf.max_test_drop)
         if not decision.promote:
@@ -133,16 +132,47 @@ def run_job(paths: JobPaths, status: JobStatus, conf: LoopConfig, push_conf: Pus
             return status
         step("promote")
         _register(Registry(paths.root / paths.registry_dir), candidate_dir, status, decision.reason)
-        if conf.repredict:
-            step("repredict")
-            status.pushed = _repredict(paths, status, client, push_conf)
-        status.finish("promoted", decision.reason)
     except (PipelineError, OSError, ValueError, KeyError) as exc:
         log.error("job %s failed at %s: %s", status.job_id, status.stage, exc)
         status.finish("failed", f"{status.stage}: {exc}")
+        return status
     finally:
         status.write(job_dir)
+    detail = decision.reason
+    if conf.repredict:  # the new model serves already: a push that fails is said, the promotion stands
+        step("repredict")
+        try:
+            status.pushed = _repredict(paths, status, client, push_conf)
+        except (PipelineError, OSError, ValueError, KeyError) as exc:
+            log.error("job %s: re-predicting failed: %s", status.job_id, exc)
+            detail += f"; re-predicting the unlabeled tasks failed ({exc}): run python -m pipeline push"
+    status.finish("promoted", detail)
+    status.write(job_dir)
     return status
+
+
+def _train(paths: JobPaths, status: JobStatus, conf: LoopConfig, snapshot: Path, served_dir: Path | None) -> None:
+    """The DVC experiment on the snapshot, warm-started from the served weights when ``loop.warm_start``."""
+    status.experiment = f"loop-{status.project}-{status.job_id}"
+    overrides, copy = _overrides(snapshot, status.experiment), [snapshot.as_posix()]
+    if conf.warm_start:
+        init = _warm_start_weights(paths, served_dir, status)
+        if init is not None:
+            status.warm_from = init.name
+            overrides |= {"train.init_from": init.as_posix(), "train.epochs": str(conf.warm_epochs)}
+            copy.append(init.as_posix())
+    status.commit = run_experiment(paths.root, status.experiment, overrides, copy_paths=copy,
+                                   on_line=lambda line: _progress(line, status, paths.job_dir))
+
+
+def _score(paths: JobPaths, status: JobStatus, served_dir: Path | None) -> Path:
+    """Candidate and served model on the experiment's split, by the serving runtime; the candidate's folder."""
+    candidate_dir, conll_dir = _fetch_candidate(paths, status)
+    status.candidate = score_model(candidate_dir, conll_dir)
+    if served_dir is not None:
+        status.served_version = _version_of(served_dir)
+        status.served = score_model(served_dir, conll_dir)
+    return candidate_dir
 
 
 def take_snapshot(client: LabelStudioClient, project: int, paths: JobPaths) -> Path:
@@ -171,6 +201,32 @@ def _overrides(snapshot: Path, experiment: str) -> dict[str, str]:
     return {"paths.export": (snapshot / "export.json").as_posix(),
             "paths.label_config": (snapshot / "label_config.xml").as_posix(),
             "predict.model_version": experiment}
+
+
+def _warm_start_weights(paths: JobPaths, served_dir: Path | None, status: JobStatus) -> Path | None:
+    """The served model's trained (torch) weights for ``train.init_from``, relative to root; None: start cold.
+
+    A version the loop promoted has them in its experiment (read from the DVC cache once, into
+    ``warm/<version>/``); the model ``dvc repro`` exported in the workspace has them in ``paths.model_dir``.
+    """
+    if served_dir is None:
+        return None
+    version = _version_of(served_dir)
+    relative = paths.loop_dir / "warm" / version
+    if (paths.root / relative).is_dir():
+        return relative
+    entry = next((e for e in Registry(paths.root / paths.registry_dir).versions() if e["version"] == version), None)
+    params = read_params(paths.root, entry["commit"]) if entry and entry.get("commit") else None
+    if params is not None:
+        fetch_output(paths.root, entry["commit"], params["paths"]["model_dir"], paths.root / relative)
+        return relative
+    exported, trained = paths.root / paths.onnx_dir, paths.root / paths.model_dir
+    if (exported / "model_info.json").is_file() and _version_of(exported) == version and trained.is_dir():
+        shutil.copytree(trained, paths.root / relative)
+        return relative
+    status.detail = f"warm start: no trained weights of the served {version}; trained from the encoder"
+    log.warning("%s", status.detail)
+    return None
 
 
 def _progress(line: str, status: JobStatus, job_dir: Path) -> None:

@@ -24,14 +24,14 @@ from pipeline.core import cpu
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.conll import Sentence, read_conll
 from pipeline.core.encoding import DEFAULT_WINDOW_OVERLAP, SpecialIds, special_ids
-from pipeline.core.errors import DataError, ParamsError, PipelineError
+from pipeline.core.errors import DataError, ModelLoadError, ParamsError, PipelineError
 from pipeline.core.metrics import score
 from pipeline.core.tags import allowed_transitions, first_violation
 from pipeline.modeling import checkpoint, distributed
 from pipeline.modeling.data import Example, bucket_batches, collate, make_examples
 from pipeline.modeling.distributed import World
 from pipeline.modeling.evaluate import predict_tags
-from pipeline.modeling.model import BertBiLstmCrf, HeadConfig, build_model, save_model
+from pipeline.modeling.model import BertBiLstmCrf, HeadConfig, build_model, load_model, save_model
 from pipeline.modeling.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TrainConfig:
     precision: str = "auto"     # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 (CPU: hardware bf16) | fp16
     constrain_transitions: bool = True  # forbid transitions the tag scheme rules out (O -> I-X in BIO)
     window_overlap: float = DEFAULT_WINDOW_OVERLAP  # sub-tokens shared by windows of long texts; saved with the model
+    init_from: str = ""         # a trained model folder (models/best) to start from: a warm start; "": the encoder
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
@@ -91,6 +92,23 @@ class TrainConfig:
             problems = "; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})"
                                  for e in exc.errors())
             raise ParamsError(problems) from None
+
+
+def warm_start(model: BertBiLstmCrf, init_dir: Path, tags: list[str]) -> None:
+    """Start from a trained model's weights (``train.init_from``): same tags and head shape, or a one-line error."""
+    try:
+        trained, labels = load_model(init_dir)
+    except ModelLoadError as exc:
+        raise ParamsError(f"train.init_from: {exc}") from None
+    if labels.get("tags") != tags:
+        raise ParamsError(f"train.init_from: {init_dir} was trained on the tags {labels.get('tags')}, the data has "
+                          f"{tags}; train from the encoder (train.init_from: \"\") when the labels change")
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as exc:  # a head of another size (lstm_hidden, lstm_layers) or another encoder
+        raise ParamsError(f"train.init_from: {init_dir} does not fit this model: {str(exc).splitlines()[0]}; "
+                          "use the same train.lstm_hidden, lstm_layers and encoder") from None
+    log.info("warm start from %s", init_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,7 +202,9 @@ def prepare(conll_dir: str | Path, encoder_dir: str | Path, config: TrainConfig,
 
     head = HeadConfig(num_tags=len(tags), lstm_hidden=config.lstm_hidden, lstm_layers=config.lstm_layers,
                       dropout=config.dropout, max_length=config.max_length)
-    model = build_model(encoder_dir, head, pretrained=config.pretrained)
+    model = build_model(encoder_dir, head, pretrained=config.pretrained and not config.init_from)
+    if config.init_from:
+        warm_start(model, Path(config.init_from), tags)
     max_len = min(config.max_length, model.bert.config.max_position_embeddings)
     # saved with the model: evaluation, export and serving cut long texts into the same windows
     model.head_config = replace(head, max_length=max_len, window_overlap=config.window_overlap)

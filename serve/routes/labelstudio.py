@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from pipeline.labelstudio.regions import to_ls_prediction
 from serve.schemas import PredictRequest, PredictResponse, SetupRequest, SetupResponse
-from serve.state import ServiceState, service, task_texts
+from serve.state import ServiceState, project_key, service, task_texts
 
 router = APIRouter(tags=["label studio"])
 State = Annotated[ServiceState, Depends(service)]
@@ -24,6 +24,8 @@ def setup(body: SetupRequest, state: State) -> dict[str, str]:
         config = state.label_configs.parse(body.schema_, "schema")  # a sync route: runs in a worker thread
         state.labels_or_422(config)
         state.projects.remember(body.project, config)
+    if state.training is not None and project_key(body.project).isdigit():
+        state.training.connect(int(project_key(body.project)))
     return {"model_version": state.runtime.model_version}
 
 
