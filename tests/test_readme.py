@@ -49,6 +49,8 @@ COVERED = {
     r"\.venv/bin/python -m pipeline push --project": "tests/test_labelstudio_push.py::test_cli_push_takes_the_server_from_the_environment",
     r"\.venv/bin/dvc repro pipelines/labelstudio/dvc.yaml": "tests/test_labelstudio_push.py::test_dvc_push_stage",
     r"\.venv/bin/python -m pipeline promote": "tests/test_loop_registry.py::test_promote_command_registers_lists_and_rolls_back",
+    r"\.venv/bin/python -m serve --port 9090$":
+        "tests/test_loop.py::test_start_training_promotes_a_better_candidate_and_rejects_a_corrupted_one",
 }
 # Cannot run on a CI machine as written: the reason.
 NOT_HERE = {
