@@ -94,7 +94,8 @@ class TrainingManager:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._current: JobStatus | None = None
-        self._pending: str | None = None
+        self._pending: str | None = None  # the reason of the queued follow-up job
+        self._coalesced = 0               # events folded into it since
         self._annotations = 0
         self.project = self._bound_project()
         self.history: list[JobStatus] = self._recover()
@@ -105,9 +106,11 @@ class TrainingManager:
         with self._lock:
             self._bind(project)
             if self._current is not None:
-                outcome = "coalesced" if self._pending else "queued"
-                self._pending = f"{self._pending}; {reason}" if self._pending else reason
-                return outcome
+                if self._pending is None:
+                    self._pending, self._coalesced = reason, 0
+                    return "queued"
+                self._coalesced += 1  # a count, not a list: no client can grow it
+                return "coalesced"
             self._start(reason)
             return "started"
 
@@ -124,7 +127,7 @@ class TrainingManager:
         return self.request(project, f"{every} new or updated annotations")
 
     def connect(self, project: int) -> None:
-        """A project connected (``/setup``): once, in the background, give its webhook to us our key."""
+        """A project connected (``/setup``): once, in the background, give its webhook to this service the key."""
         with self._lock:
             if self.webhook is None or project in self._connected or len(self._connected) >= MAX_CONNECTED:
                 return
@@ -203,7 +206,8 @@ class TrainingManager:
             self._current, self._proc = None, None
             pending, self._pending = self._pending, None
             if pending:
-                self._start(pending)
+                more = f" (and {self._coalesced} more events during job {final.job_id})" if self._coalesced else ""
+                self._start(pending + more)
 
     def _read(self, status: JobStatus) -> JobStatus:
         try:
