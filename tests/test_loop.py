@@ -153,6 +153,10 @@ def test_start_training_promotes_a_better_candidate_and_rejects_a_corrupted_one(
             promoted = job["version"]
             assert promoted.startswith(f"loop-{project.id}-") and promoted != first_version
             assert job["warm_from"] == first_version  # the workspace's trained model, which exported the served one
+            # what /v1/training showed while it trained: the epochs and dev F1 of the experiment's train stage
+            assert job["epoch"] == 10 and job["dev_f1_so_far"] is not None
+            assert list(job["timeline"]) == ["snapshot", "train", "score", "gate", "promote", "repredict", "done"]
+            assert job["pushed"] == {"created": len(unlabeled), "skipped_existing": 0}
             assert client.get("/v1/model").json()["model_version"] == promoted
             assert report["served_version"] == promoted
 
