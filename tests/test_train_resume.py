@@ -80,5 +80,6 @@ def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_encoder):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "not finite for 3 optimizer steps in a row" in proc.stderr
     assert "skipped an optimizer step" in proc.stderr
+    assert "origin: " in proc.stderr and "last one: " in proc.stderr  # which module, weight or gradient went first
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "models" / "best").exists()  # nothing trained is passed off as a model

@@ -29,6 +29,7 @@ from pipeline.core.metrics import score
 from pipeline.core.tags import allowed_transitions, first_violation
 from pipeline.modeling import checkpoint, distributed
 from pipeline.modeling.data import Example, bucket_batches, collate, make_examples
+from pipeline.modeling.diagnose import Origin, trace_origin
 from pipeline.modeling.distributed import World
 from pipeline.modeling.evaluate import predict_tags
 from pipeline.modeling.model import BertBiLstmCrf, HeadConfig, build_model, load_model, save_model
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(PipelineError):
     """Loss or gradients stayed NaN/inf: the rates are too high or the data is broken."""
+
+
+class OutOfDeviceMemory(PipelineError):
+    """A batch did not fit on the device even split down to one example (or could not be split: torchrun)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,43 @@ def check_tag_sequences(sentences: list[Sentence], scheme: str, path: Path) -> N
                 "train.constrain_transitions: false")
 
 
+def _line_of_word(path: Path, sentence: int, word: int) -> int | None:
+    """The file line of a sentence's word (both 1-based), found again only for an error message.
+
+    ``read_conll`` keeps no line numbers; this walks the file with its block rules (blank lines end a
+    sentence, ``# `` comments and ``-DOCSTART-`` are not words).
+    """
+    done, rows = 0, 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                done, rows = done + (rows > 0), 0
+            elif not line.startswith(("# ", "-DOCSTART-")):
+                rows += 1
+                if done + 1 == sentence and rows == word:
+                    return lineno
+    return None
+
+
+def check_known_tags(sentences: list[Sentence], tags: list[str], path: Path) -> None:
+    """Every gold tag must be one of labels.json's: an unknown one would reach the CRF as a bad id.
+
+    There it fails deep inside the loss, and on CUDA as an opaque "device-side assert"; here it is one line
+    naming the file, sentence, line, task and word.
+    """
+    known = set(tags)
+    for n, sent in enumerate(sentences, start=1):
+        bad = next((i for i, tag in enumerate(sent.tags) if tag not in known), None)
+        if bad is None:
+            continue
+        line = _line_of_word(path, n, bad + 1)
+        task = "" if sent.task_id.startswith(f"{path.name}:") else f", task {sent.task_id}"
+        raise DataError(
+            f"{path}: sentence {n} (line {line}{task}), word {bad + 1} {sent.tokens[bad]!r}: tag "
+            f"{sent.tags[bad]!r} is not in labels.json's tag set {tags}; convert again or fix the file")
+
+
 @dataclass
 class Corpus:
     """Train and dev sentences encoded for one model, with what is needed to decode and save."""
@@ -191,6 +233,8 @@ def prepare(conll_dir: str | Path, encoder_dir: str | Path, config: TrainConfig,
     dev_sents = list(read_conll(conll_dir / "dev.conll"))
     if not train_sents:
         raise PipelineError(f"{conll_dir / 'train.conll'} holds no sentences: nothing to train on")
+    check_known_tags(train_sents, tags, conll_dir / "train.conll")
+    check_known_tags(dev_sents, tags, conll_dir / "dev.conll")
     if config.constrain_transitions:
         check_tag_sequences(train_sents, labels["scheme"], conll_dir / "train.conll")
 
@@ -338,6 +382,9 @@ class TrainingRun:
                  str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32")
         self.progress = Progress()
         self.bad_in_a_row, self.skipped = 0, 0
+        self.step_pieces: list[tuple[list[int], float]] = []  # (examples, loss scale) in this step's gradient
+        self.grads_dirty = False    # a backward failed part-way: the gradient may hold part of it
+        self.oom_sizes: set[int] = set()  # batch sizes already reported as out of memory (log once)
         self.run_id = checkpoint.fingerprint(
             {"seed": seed, "encoder": str(encoder_dir), "world": world.size,
              **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size",
@@ -400,7 +447,7 @@ class TrainingRun:
             progress.total_loss, progress.seen = 0.0, 0
         batches = progress.batches
         first, progress.batch = progress.batch, 0  # only the resumed epoch starts part-way
-        self.optimizer.zero_grad(set_to_none=True)
+        self._new_step()
         bar = tqdm(range(first, len(batches)), desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=2.0,
                    leave=False, disable=not self.world.is_main)
         for i in bar:
@@ -419,50 +466,148 @@ class TrainingRun:
     def _accumulate(self, batch_ids: list[int]) -> tuple[torch.Tensor, float, bool]:
         """Forward and backward of this rank's share of one batch; returns its summed loss, weight, finiteness."""
         mine, weight = self.world.shard(batch_ids)
-        examples = [self.data.train_ex[j] for j in mine]
-        batch = {k: v.to(self.device) for k, v in collate(examples, self.data.specials.pad).items()}
-        with self.autocast:
-            loss_sum = self.objective(**batch)
         # weight makes the ranks' gradients, averaged by DDP, the gradient of the global batch mean
+        loss_sum = self._fit_in_memory(mine, weight / self.config.grad_accumulation)
         finite = bool(torch.isfinite(loss_sum))
-        self.scaler.scale(loss_sum * (weight / self.config.grad_accumulation)).backward()
         if finite and weight:
             self.progress.total_loss += loss_sum.item()
             self.progress.seen += len(mine)
         return loss_sum, weight, finite
 
+    def _batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Training examples padded into one batch on the device."""
+        examples = [self.data.train_ex[j] for j in ids]
+        return {k: v.to(self.device) for k, v in collate(examples, self.data.specials.pad).items()}
+
+    def _forward_backward(self, ids: list[int], scale: float) -> torch.Tensor:
+        """The summed loss of some examples, its gradient (times ``scale``) added to the step's."""
+        batch = self._batch(ids)
+        with self.autocast:
+            loss_sum = self.objective(**batch)
+        self.grads_dirty = True  # until backward returns: a failure in it may leave part of a gradient behind
+        self.scaler.scale(loss_sum * scale).backward()
+        self.grads_dirty = False
+        return loss_sum
+
+    def _fit_in_memory(self, ids: list[int], scale: float) -> torch.Tensor:
+        """Forward and backward, in halves when the device runs out of memory (see :meth:`_split`)."""
+        try:
+            loss_sum = self._forward_backward(ids, scale)
+        except torch.cuda.OutOfMemoryError:
+            pass  # retried below, outside the handler: its traceback holds the failed attempt's activations
+        else:
+            self.step_pieces.append((ids, scale))
+            return loss_sum
+        return self._split(ids, scale)
+
+    def _split(self, ids: list[int], scale: float) -> torch.Tensor:
+        """Out of memory: run the examples as two halves with the same loss scale.
+
+        The loss is a sum over examples times one scale (the batch's weight / grad_accumulation), so the
+        halves' gradients add up to the unsplit one: effective batch, loss scale and schedule stay the same.
+        Halves that still do not fit are split again, down to one example.
+        """
+        if len(ids) == 1 or self.world.size > 1:
+            raise self._out_of_memory(ids) from None
+        if len(ids) not in self.oom_sizes:
+            self.oom_sizes.add(len(ids))
+            log.warning("out of memory at batch size %d: splitting it in two (same gradient)", len(ids))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.grads_dirty:
+            self._replay_pieces()
+        half = (len(ids) + 1) // 2
+        first = self._fit_in_memory(ids[:half], scale)
+        return first.detach() + self._fit_in_memory(ids[half:], scale).detach()
+
+    def _replay_pieces(self) -> None:
+        """A backward that ran out of memory may have added part of its gradient: rebuild the step's gradient
+        from the pieces that fitted (zeroed, then their forward and backward again)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grads_dirty = False
+        for ids, scale in self.step_pieces:
+            try:
+                self._forward_backward(ids, scale)
+            except torch.cuda.OutOfMemoryError:
+                raise self._out_of_memory(ids) from None
+
+    def _out_of_memory(self, ids: list[int]) -> OutOfDeviceMemory:
+        """The typed error when splitting cannot help: one example, or ranks that must stay in step."""
+        if self.world.size > 1:
+            return OutOfDeviceMemory(
+                f"out of memory on {self.device} at batch size {len(ids)} (rank {self.world.rank}): under "
+                "torchrun a batch is not split (the ranks' gradient exchange must stay in step); lower "
+                "train.batch_size and raise train.grad_accumulation to keep the effective batch")
+        words = max(len(self.data.train_ex[j].input_ids) for j in ids)
+        return OutOfDeviceMemory(
+            f"out of memory on {self.device} with {len(ids)} example(s) of up to {words} sub-tokens, after "
+            f"splitting the batch down to that; lower train.max_length (now {self.config.max_length}) or use "
+            "a device with more memory")
+
+    def _new_step(self) -> None:
+        """An empty gradient for the next optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_pieces.clear()
+
     def _optimizer_step(self, loss_finite: bool, epoch: int) -> bool:
-        """Clip and step; a non-finite gradient drops the step instead (and stops a run that keeps diverging)."""
+        """Clip and step; a non-finite gradient drops the step instead (and stops a run that keeps diverging).
+
+        The norm is taken before clipping (what ``clip_grad_norm_`` does in one call): clipping by a NaN norm
+        would make every gradient NaN and hide which one went bad first.
+        """
         optimizer, scaler = self.optimizer, self.scaler
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
             self._skip_step(loss_finite, epoch)
             return False
+        torch.nn.utils.clip_grads_with_norm_(params, self.config.grad_clip, norm)
         self.bad_in_a_row = 0
         scaler.step(optimizer)
         scaler.update()
         self.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        self._new_step()
         self.progress.step += 1
         return True
 
     def _skip_step(self, loss_finite: bool, epoch: int) -> None:
         """A NaN/inf step would poison the weights: drop it, and stop if it keeps happening."""
+        overflow = self.scaler.is_enabled() and loss_finite  # an fp16 overflow: the scaler's business
+        origin = None if overflow else self._nan_origin()  # while the bad gradients are still there
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # sees the inf and skips; update() then lowers the scale
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._new_step()
         self.skipped += 1
-        if self.scaler.is_enabled() and loss_finite:
-            return  # an fp16 overflow: the scaler's business, not divergence
+        if origin is None:
+            return
         self.bad_in_a_row += 1
-        log.warning("skipped an optimizer step: %s is not finite (%d in a row)",
-                    "loss" if not loss_finite else "gradient norm", self.bad_in_a_row)
+        log.warning("skipped an optimizer step: %s is not finite (%d in a row); origin: %s",
+                    "loss" if not loss_finite else "gradient norm", self.bad_in_a_row, origin)
         if self.bad_in_a_row >= self.config.max_bad_steps:
             raise TrainingDiverged(
                 f"loss or gradients were not finite for {self.bad_in_a_row} optimizer steps in a row "
-                f"(epoch {epoch + 1}); lower the learning rates (train.lr_*) or check the data")
+                f"(epoch {epoch + 1}; last one: {origin}); lower the learning rates (train.lr_*) or check "
+                "the data")
+
+    def _nan_origin(self) -> Origin:
+        """Which weight, module output or gradient went non-finite first in this step (rare: costs a forward).
+
+        The step's pieces are run forward again under hooks, with the RNG forked so that dropout masks and
+        every later step are exactly what they would have been without the diagnosis.
+        """
+        model = self.model
+        plain = Objective(model)  # not the DDP wrapper: a no-grad forward needs no gradient exchange
+
+        def rerun() -> None:
+            for ids, _ in self.step_pieces:
+                batch = self._batch(ids)
+                with self.autocast:
+                    plain(**batch)
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return trace_origin(model, rerun)
 
     def _log_step(self, live: Any, step_loss: float) -> None:
         live.log_metric("train/loss", step_loss)
