@@ -41,9 +41,9 @@ PATH_FLAGS = {
     "evaluate": [("--model", "model_dir", "trained model folder"),
                  ("--out", "eval_metrics", "metrics file (JSON)")],
     "predict": [("--model", "onnx_dir", "exported model folder"),
-                ("--tasks", "export", "Label Studio JSON of the tasks to pre-annotate"),
+                ("--tasks", "export", "tasks to pre-annotate: Label Studio JSON, or JSON Lines (.jsonl)"),
                 ("--label-config", "label_config", "the project's labeling config (XML)"),
-                ("--out", "predictions", "Label Studio import file to write")],
+                ("--out", "predictions", "folder for the prediction shards and manifest.json")],
 }
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from pipeline.labelstudio.shards import Predictions
 from tests.conftest import ROOT
 
 
@@ -162,9 +163,9 @@ def test_predict_and_evaluate_take_their_files_from_flags(pipeline_run, tmp_path
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps([{"id": 7, "data": {"text": "Barack Obama in Paris"}}]), encoding="utf-8")
     proc = run_cli("predict", "--model", str(pipeline_run.path("onnx_dir")), "--tasks", str(tasks),
-                   "--out", str(tmp_path / "out.json"), cwd=root)
+                   "--out", str(tmp_path / "out"), cwd=root)
     assert proc.returncode == 0, proc.stderr
-    [task] = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    [task] = Predictions(tmp_path / "out")  # a folder: part-00000.json and manifest.json
     assert task["id"] == 7 and task["predictions"][0]["model_version"]
 
     dev = pipeline_run.path("conll_dir") / "dev.conll"

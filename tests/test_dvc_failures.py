@@ -62,7 +62,7 @@ def test_a_bad_export_under_dvc_repro_keeps_the_last_conll_and_report(project):
     assert snapshot(root, paths["conll_dir"], paths["convert_report"]) == before
 
 
-def test_kill_9_of_dvc_repro_predict_keeps_the_last_tasks_file(project):
+def test_kill_9_of_dvc_repro_predict_keeps_the_last_predictions(project):
     root, env, paths = project
     before = snapshot(root, paths["predictions"])
     proc = subprocess.Popen([".venv/bin/dvc", "repro", "-f", "predict"], cwd=root, env=env, text=True,
@@ -80,7 +80,8 @@ def test_kill_9_of_dvc_repro_predict_keeps_the_last_tasks_file(project):
 
     again = dvc(root, env, "repro", "predict")  # run it again from the same fresh shell: it completes
     assert again.returncode == 0, again.stdout + again.stderr
-    assert snapshot(root, paths["predictions"]) == before  # same model, same tasks: same file
+    assert snapshot(root, paths["predictions"]) == before  # same model, same tasks: same shards and manifest
+    assert not (root / paths["predictions"]).with_name(f".{Path(paths['predictions']).name}.partial").exists()
 
 
 def test_after_a_failed_train_dvc_checkout_brings_the_last_model_back(project):

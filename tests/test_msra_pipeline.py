@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.labelstudio.shards import Predictions
 from tests.conftest import ROOT, run, tool_env
 
 MSRA = ROOT / "pipelines" / "msra"
@@ -80,7 +81,7 @@ def test_msra_pipeline_runs_end_to_end_with_exact_chinese_offsets(tmp_path):
     assert not list(encoder.glob("*.safetensors")) and not list(encoder.glob("*.bin"))  # built from config
     metrics = json.loads((root / paths["eval_metrics"]).read_text())["test"]
     assert set(metrics["per_type"]) <= {"PER", "LOC", "ORG"} and 0.0 <= metrics["f1"] <= 1.0
-    predicted = json.loads((root / paths["predictions"]).read_text(encoding="utf-8"))
+    predicted = list(Predictions(root / paths["predictions"]))
     assert {t["id"] for t in predicted} == {t["id"] for t in small if not t["annotations"]}
     regions = [(t["data"]["text"], r["value"]) for t in predicted for r in t["predictions"][0]["result"]]
     for text, value in regions:

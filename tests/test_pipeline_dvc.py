@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pipeline.labelstudio.shards import Predictions
 from tests.conftest import SPECIAL_TEXTS, run
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def test_saved_model_folder_is_self_contained(pipeline_run, tmp_path):
 
 
 def test_predictions_are_label_studio_tasks_with_exact_offsets(pipeline_run):
-    tasks = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    tasks = list(Predictions(pipeline_run.path("predictions")))  # the shards, in order
     export = json.loads(pipeline_run.path("export").read_text(encoding="utf-8"))
     unlabeled = {t["id"] for t in export if not t["annotations"]}
     assert {t["id"] for t in tasks} == unlabeled

@@ -86,15 +86,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.chmod(0o755)
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: str | Path, path: str | Path) -> None:
+    """Put the finished folder ``src`` (a sibling of ``path``) in place of ``path``: two renames, the old
+    folder kept as ``.NAME.old`` between them (``sweep_stale`` puts it back if a kill lands there)."""
+    src, path = Path(src), Path(path)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(src, path)
+    if old is not None:
+        shutil.rmtree(old)

@@ -102,6 +102,8 @@ class PredictConfig(SectionConfig):
     max_tokens: PositiveInt = 512
     model_version: str = ""  # "": derived from the exported model's hash
     uncertainty: Literal["sequence", "min_entity", "entropy"] = "sequence"  # the score Label Studio sorts by
+    shard_size: PositiveInt = 10000  # tasks per output file (part-00000.json, ...): the unit of resume
+    engine: Literal["local"] = "local"  # one process, streamed (a Ray engine for clusters is planned: issue 20)
 
 
 class PushConfig(SectionConfig):

@@ -206,6 +206,34 @@ def _decode_item(buf: _Buffer, decoder: json.JSONDecoder, max_item_chars: int) -
                             "levels)", problem="an item that is not a task") from None
 
 
+def iter_json_lines(path: str | Path) -> Iterator[Any]:
+    """Yield the value on each non-blank line of a JSON Lines file (gzip too); errors name the line."""
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    offset = 0
+    with open_export(path) as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff" if number == 1 else "").strip()
+            except UnicodeDecodeError as exc:
+                raise FileEncodingError(f"{path}: line {number} {not_utf8(exc, offset + exc.start)}") from None
+            offset += len(raw)
+            if not line:
+                continue
+            try:
+                item, end = decoder.raw_decode(line)
+            except json.JSONDecodeError as exc:
+                raise ConversionError(f"{path}: not valid JSON at line {number}, column {exc.colno}: {exc.msg}"
+                                      ) from None
+            except RecursionError:
+                raise ConversionError(f"{path}: line {number} nests lists or objects too deeply to decode"
+                                      ) from None
+            if end != len(line):
+                raise ConversionError(f"{path}: line {number}, column {end + 1}: more than one JSON value on the "
+                                      "line (JSON Lines holds one task per line)")
+            yield item
+
+
 def first_item_start(path: str | Path) -> int | None:
     """Byte offset of the first item, or None for an empty or malformed list."""
     with Path(path).open("rb") as fh:

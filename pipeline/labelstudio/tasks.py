@@ -12,18 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConversionError, TaskError
-from pipeline.labelstudio.jsonstream import iter_json_array
+from pipeline.labelstudio.jsonstream import iter_json_array, iter_json_lines
 from pipeline.labelstudio.report import ConvertReport
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def iter_export(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Stream the tasks of a Label Studio JSON export file (gzip-compressed too)."""
+    """Stream the tasks of a Label Studio JSON export file (gzip-compressed too), or of a JSON Lines file (one
+    task per line) when the name ends in ``.jsonl`` (or ``.jsonl.gz``)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: export file not found")
-    yield from iter_json_array(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from iter_json_lines(path)
+    else:
+        yield from iter_json_array(path)
 
 
 def json_kind(value: Any) -> str:
