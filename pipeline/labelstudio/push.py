@@ -10,6 +10,12 @@ by a restart or Ctrl-C continues where it stopped when run again.
 Two modes: ``attach`` adds predictions to tasks already in the project
 (matched by task id, or by the text when ids differ); ``import`` creates the
 tasks together with their predictions.
+
+The predictions are read as a stream, twice (check, then send), one batch of
+``push.batch_size`` tasks in memory: a predictions folder's shards one at a
+time (``pipeline.labelstudio.shards.Predictions``), or a list. What is held
+for the whole push is what the project has: its tasks' keys and ids, and its
+predictions' (task, model_version) pairs, read once at the start.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +86,37 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def map_labels(tasks: list[dict[str, Any]], label_map: dict[str, str]) -> list[dict[str, Any]]:
-    """Rename model labels to the project's names (``push.label_map``), on copies."""
-    if not label_map:
-        return tasks
-    out = []
+def map_labels(tasks: Iterable[dict[str, Any]], label_map: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Rename model labels to the project's names (``push.label_map``), on copies, as the tasks stream by."""
     for task in tasks:
+        if not label_map:
+            yield task
+            continue
         preds = []
         for pred in task.get("predictions", []):
             result = [{**r, "value": {**r["value"], "labels": [label_map.get(x, x) for x in r["value"]["labels"]]}}
                       for r in pred.get("result", [])]
             preds.append({**pred, "result": result})
-        out.append({**task, "predictions": preds})
-    return out
+        yield {**task, "predictions": preds}
 
 
-def check_against_config(tasks: list[dict[str, Any]], config: LabelConfig) -> None:
+def batches(tasks: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(tasks)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+class _Relabeled:
+    """The tasks with ``push.label_map`` applied, readable again (each pass reads the source again)."""
+
+    def __init__(self, tasks: Iterable[dict[str, Any]], label_map: dict[str, str]) -> None:
+        self.tasks, self.label_map = tasks, label_map
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map_labels(self.tasks, self.label_map)
+
+
+def check_against_config(tasks: Iterable[dict[str, Any]], config: LabelConfig) -> None:
     """List every region name and label that the project does not define."""
     problems: Counter = Counter()
     for task in tasks:
@@ -111,12 +134,19 @@ def check_against_config(tasks: list[dict[str, Any]], config: LabelConfig) -> No
                                   "(push.label_map can rename labels)")
 
 
-def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]],
+def push(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]],
          options: PushConfig | None = None, state_path: str | Path | None = None) -> PushSummary:
-    """Send ``tasks``' predictions (``options``: the ``push`` section: match, mode, label map, batch size)."""
+    """Send ``tasks``' predictions (``options``: the ``push`` section: match, mode, label map, batch size).
+
+    ``tasks`` is read twice: a list, or a re-readable stream such as ``Predictions`` (its ``total`` sizes the
+    progress bar); a one-shot iterator is read into a list first.
+    """
     options = options or PushConfig()
     match, batch_size = options.match, options.batch_size
-    tasks = map_labels(tasks, options.label_map)
+    if iter(tasks) is tasks:  # a generator: cannot be read twice
+        tasks = list(tasks)
+    total = len(tasks) if isinstance(tasks, (list, tuple)) else getattr(tasks, "total", None)
+    tasks = _Relabeled(tasks, options.label_map)
     config = client.label_config(project_id)
     check_against_config(tasks, config)
 
@@ -126,9 +156,9 @@ def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]]
     record = PushRecord(state_path, project_id, client.url)
     summary = PushSummary()
     if options.mode == "import":
-        _import(client, project_id, tasks, key_of, record, summary, batch_size)
+        _import(client, project_id, tasks, key_of, record, summary, batch_size, total)
     else:
-        _attach(client, project_id, tasks, key_of, record, summary, batch_size, match)
+        _attach(client, project_id, tasks, key_of, record, summary, batch_size, match, total)
     log.info("push to project %d: %d tasks matched, %d predictions created, %d skipped as already present, "
              "%d duplicates of an earlier task in the file, %d failed", project_id, summary.matched,
              summary.created, summary.skipped_existing, summary.duplicates, len(summary.failed))
@@ -137,18 +167,18 @@ def push(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]]
     return summary
 
 
-def _attach(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
-            record: PushRecord, summary: PushSummary, batch_size: int, match: str) -> None:
+def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]], key_of: Any,
+            record: PushRecord, summary: PushSummary, batch_size: int, match: str, total: int | None) -> None:
     """Each prediction goes to every project task with its key: two tasks with the same text both get it."""
     targets: dict[str, list[int]] = defaultdict(list)
     for task in client.iter_tasks(project_id):
         targets[key_of(task)].append(int(task["id"]))
     existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
     handled: set[tuple[int, str]] = set()  # (project task, model version) dealt with in this push
-    with tqdm(total=len(tasks), desc="push", mininterval=2.0) as bar:
-        for lo in range(0, len(tasks), batch_size):
+    with tqdm(total=total, desc="push", unit="task", mininterval=2.0) as bar:
+        for chunk in batches(tasks, batch_size):
             batch, keys = [], []
-            for task in tasks[lo:lo + batch_size]:
+            for task in chunk:
                 key = key_of(task)
                 if key not in targets:
                     summary.failed.append({"task": task.get("id"),
@@ -173,17 +203,16 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: list[dict[str, An
                 client.import_predictions(project_id, batch)
                 record.add(keys)
                 summary.created += len(batch)
-            bar.update(min(batch_size, len(tasks) - lo))
+            bar.update(len(chunk))
 
 
-def _import(client: LabelStudioClient, project_id: int, tasks: list[dict[str, Any]], key_of: Any,
-            record: PushRecord, summary: PushSummary, batch_size: int) -> None:
+def _import(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]], key_of: Any,
+            record: PushRecord, summary: PushSummary, batch_size: int, total: int | None) -> None:
     """Create the file's tasks with their predictions; the n-th task of a text exists once the project has n."""
     present = Counter(key_of(t) for t in client.iter_tasks(project_id))
     seen: Counter = Counter()
-    with tqdm(total=len(tasks), desc="import", mininterval=2.0) as bar:
-        for lo in range(0, len(tasks), batch_size):
-            batch = tasks[lo:lo + batch_size]
+    with tqdm(total=total, desc="import", unit="task", mininterval=2.0) as bar:
+        for batch in batches(tasks, batch_size):
             bar.update(len(batch))
             todo = []
             for task in batch:

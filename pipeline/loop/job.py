@@ -30,6 +30,7 @@ from pipeline.core.config import LoopConfig, PushConfig
 from pipeline.core.errors import PipelineError
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.push import push
+from pipeline.labelstudio.shards import Predictions
 from pipeline.loop.experiment import EPOCH_LINE, STAGE_LINE, fetch_output, read_params, run_experiment
 from pipeline.loop.gate import decide
 from pipeline.loop.registry import Registry
@@ -275,8 +276,8 @@ def _repredict(paths: JobPaths, status: JobStatus, client: LabelStudioClient,
     """Push the experiment's predictions of the unlabeled tasks (same ids: the snapshot is of this project)."""
     params = read_params(paths.root, status.commit)
     predictions = fetch_output(paths.root, status.commit, params["paths"]["predictions"],
-                               paths.job_dir / "predictions.json")
-    tasks = json.loads(predictions.read_text(encoding="utf-8"))
+                               paths.job_dir / "predictions")  # a folder of shards (or one file), streamed
+    tasks = Predictions(predictions)
     options = push_conf.model_copy(update={"mode": "attach", "match": "id"})
     summary = push(client, status.project, tasks, options, state_path=paths.job_dir / "push_state.jsonl")
     if summary.failed:

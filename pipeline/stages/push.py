@@ -1,13 +1,12 @@
-"""The push command and DVC stage: data/predictions/tasks.json into a Label Studio project.
+"""The push command and DVC stage: the predictions folder (data/predictions/: shards and manifest.json, read
+one shard at a time), or a single Label Studio import file, into a Label Studio project.
 
 ``main()`` reads its params once and calls the layers with plain values.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import PushConfig
@@ -19,6 +18,7 @@ from pipeline.core.errors import (
 )
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.push import push
+from pipeline.labelstudio.shards import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ def main(params: dict[str, Any], project: int | None = None) -> None:
     project_id = project if project is not None else conf.project
     if project_id is None:
         raise ParamsError("no Label Studio project: pass --project ID or set push.project in params.yaml")
-    path = Path(paths["predictions"])
-    if not path.is_file():
-        raise PipelineError(f"{path} not found; run `dvc repro` (predict stage) first")
-    tasks = json.loads(path.read_text(encoding="utf-8"))
+    tasks = Predictions(paths["predictions"])  # not found, unfinished or changed: one line, nothing sent
     client = LabelStudioClient.from_env(retries=conf.retries, backoff=conf.backoff)
     try:
         summary = push(client, int(project_id), tasks, conf, state_path=paths.get("push_state"))
