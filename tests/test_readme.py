@@ -47,6 +47,8 @@ COVERED = {
     r"\.venv/bin/python -m pipeline pull --project":
         "tests/test_labelstudio_convert.py::test_project_export_converts_like_the_file",
     r"\.venv/bin/python -m pipeline push --project": "tests/test_labelstudio_push.py::test_cli_push_takes_the_server_from_the_environment",
+    r"\.venv/bin/python -m pipeline predict$":
+        "tests/test_predict_stream.py::test_kill_9_mid_run_then_rerun_gives_identical_shards",
     r"\.venv/bin/dvc repro pipelines/labelstudio/dvc.yaml": "tests/test_labelstudio_push.py::test_dvc_push_stage",
     r"\.venv/bin/python -m pipeline promote": "tests/test_loop_registry.py::test_promote_command_registers_lists_and_rolls_back",
     r"\.venv/bin/python -m serve --port 9090$":
