@@ -16,6 +16,7 @@ from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.labelconfig import read_label_config
 from pipeline.labelstudio.push import push
 from pipeline.labelstudio.regions import to_ls_prediction
+from pipeline.labelstudio.shards import Predictions, ShardWriter
 from pipeline.runtime.inference import Entity, TextPrediction
 from tests.conftest import ROOT, run
 
@@ -46,7 +47,7 @@ def regions(prediction: dict) -> list[tuple]:
 
 def test_push_round_trip_is_exact_and_idempotent(label_studio, pipeline_run):
     client = LabelStudioClient(label_studio.url, label_studio.api_key)
-    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    predicted = list(Predictions(pipeline_run.path("predictions")))
     tasks = predicted + hand_made_tasks(predicted[0]["predictions"][0]["model_version"])
     project = client.create_project("round trip", CONFIG_XML)
     # the project's tasks get their own ids: push finds them by text
@@ -85,7 +86,7 @@ def test_label_config_mismatch_sends_nothing(label_studio, pipeline_run):
 
 def test_cli_push_takes_the_server_from_the_environment(label_studio, pipeline_run):
     client = LabelStudioClient(label_studio.url, label_studio.api_key)
-    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    predicted = list(Predictions(pipeline_run.path("predictions")))
     project = client.create_project("cli push", CONFIG_XML)
     client.import_tasks(project, [{"data": t["data"]} for t in predicted])
     env = dict(pipeline_run.env, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
@@ -112,7 +113,7 @@ def test_dvc_push_stage(label_studio, pipeline_run, tmp_path):
     (root / "pipelines" / "labelstudio").mkdir(parents=True)
     shutil.copy2(ROOT / "pipelines" / "labelstudio" / "dvc.yaml", root / "pipelines" / "labelstudio")
     client = LabelStudioClient(label_studio.url, label_studio.api_key)
-    predicted = json.loads(pipeline_run.path("predictions").read_text(encoding="utf-8"))
+    predicted = list(Predictions(pipeline_run.path("predictions")))
     project = client.create_project("dvc push", CONFIG_XML)
     client.import_tasks(project, [{"data": t["data"]} for t in predicted])
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -168,7 +169,8 @@ def test_import_mode_creates_tasks_with_predictions_once(label_studio):
 
 
 def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio, tmp_path):
-    """Stop Label Studio in the middle of a push, start it again, push again: each prediction once."""
+    """Stop Label Studio in the middle of a push from a predictions folder (6 shards, read as a stream),
+    start it again, push again: each prediction once."""
     import time
 
     import yaml
@@ -178,10 +180,12 @@ def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio,
     tasks = many_tasks(3000, version)
     project = client.create_project("restart", CONFIG_XML)
     client.import_tasks(project, [{"data": t["data"]} for t in tasks])
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False), encoding="utf-8")
+    with ShardWriter(tmp_path / "data" / "predictions", {}, shard_size=500) as shards:
+        for task in tasks:
+            shards.add(task)
+        shards.finish({"model_version": version})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"].update(predictions="data/tasks.json", push_state="state/push.jsonl")
+    params["paths"].update(predictions="data/predictions", push_state="state/push.jsonl")
     params["push"].update(project=project, retries=2, backoff=0.2, batch_size=20)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
