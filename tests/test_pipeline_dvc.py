@@ -18,7 +18,7 @@ def test_repro_runs_every_stage_and_writes_the_promised_outputs(pipeline_run):
     assert 0.0 <= metrics["test"]["f1"] <= 1.0
     assert (pipeline_run.path("onnx_dir") / "model.onnx").is_file()
     assert (pipeline_run.path("onnx_dir") / "model.int8.onnx").is_file()
-    assert pipeline_run.path("predictions").is_file()
+    assert (pipeline_run.path("predictions") / "manifest.json").is_file()  # and its shards
     assert (pipeline_run.path("train_live") / "metrics.json").is_file()
     confusion = json.loads(pipeline_run.path("eval_confusion_plot").read_text())
     assert confusion and set(confusion[0]) == {"actual", "predicted"}
