@@ -142,7 +142,8 @@ def test_quick_readme_commands_run_as_written(pipeline_run):
     assert (root / "docs" / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     port = str(free_port())  # the one change: 9090 may be taken on a shared machine
-    server = subprocess.Popen(["bash", "-c", "exec " + command(r"\.venv/bin/python -m serve").replace("9090", port)],
+    serve = command(r"\.venv/bin/python -m serve --model-dir").replace("9090", port)
+    server = subprocess.Popen(["bash", "-c", "exec " + serve],
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -3,6 +3,7 @@
 import httpx
 import pytest
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -22,7 +23,14 @@ def fuzz_svc(pipeline_run, tmp_path_factory):
     # small limits, so that generated inputs also reach the 413 paths
     env = {"NER_API_KEY": API_KEY, "NER_MAX_TEXTS": "8", "NER_MAX_CHARS": "2000", "NER_MAX_BODY_BYTES": "65536",
            "NER_MAX_WAIT_MS": "1"}
-    with ServiceProcess(pipeline_run.path("onnx_dir"), log, env=env) as proc:
+    # the labelling loop on, in a folder of its own: a fuzzed START_TRAINING starts a real job there, which
+    # fails at once (no Label Studio in the environment) and leaves the service as it was
+    workspace = log.parent / "workspace"
+    workspace.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    env.update({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    with ServiceProcess(pipeline_run.path("onnx_dir"), log, env=env, cwd=workspace) as proc:
         yield proc
 
 
@@ -30,7 +38,8 @@ def fuzz_svc(pipeline_run, tmp_path_factory):
 # checks that the list and the schema agree. (schemathesis' own `pytest.from_fixture` loader does not run
 # under pytest 9: it reads `Function._nodeid`, which pytest 9 removed.)
 OPERATIONS = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/model"),
-              ("POST", "/v1/ner"), ("POST", "/setup"), ("POST", "/predict"), ("POST", "/webhook")]
+              ("POST", "/v1/ner"), ("POST", "/setup"), ("POST", "/predict"), ("POST", "/webhook"),
+              ("POST", "/train"), ("GET", "/v1/training")]
 
 
 @pytest.fixture(scope="module")
