@@ -69,9 +69,13 @@ def loop_project(pipeline_run, tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"].update(epochs=10, patience=20)
     params["loop"].update(warm_start=True, warm_epochs=10)  # each candidate starts from the served weights
+    # the encoder as a user has it: a git-ignored folder inside the project, which the experiment must bring along
+    shutil.copytree(params["paths"]["encoder"], root / "pretrained" / "tiny")
+    params["paths"]["encoder"] = "pretrained/tiny"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with (root / ".gitignore").open("a") as fh:
-        fh.write("/data/loop/\n/models/checkpoints/\n/models/versions/\n/models/served\n/models/registry.json\n")
+        fh.write("/data/loop/\n/models/checkpoints/\n/models/versions/\n/models/served\n/models/registry.json\n"
+                 "/pretrained/\n")
     run(["git", "add", "-A"], root, pipeline_run.env)
     run(["git", "commit", "-qm", "loop settings"], root, pipeline_run.env)
     return root

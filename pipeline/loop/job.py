@@ -92,6 +92,7 @@ class JobPaths:
     job_id: str
     model_dir: Path = Path("models/best")  # the workspace's trained model (paths.model_dir)...
     onnx_dir: Path = Path("models/onnx")   # ...and its export (paths.onnx_dir): a warm start's weights
+    encoder: Path | None = None            # paths.encoder: copied into the experiment if it is not in git
 
     @property
     def job_dir(self) -> Path:
@@ -156,6 +157,8 @@ def _train(paths: JobPaths, status: JobStatus, conf: LoopConfig, snapshot: Path,
     """The DVC experiment on the snapshot, warm-started from the served weights when ``loop.warm_start``."""
     status.experiment = f"loop-{status.project}-{status.job_id}"
     overrides, copy = _overrides(snapshot, status.experiment), [snapshot.as_posix()]
+    if paths.encoder is not None and not paths.encoder.is_absolute() and (paths.root / paths.encoder).exists():
+        copy.append(paths.encoder.as_posix())  # pretrained/ is git-ignored: the temp workspace would lack it
     if conf.warm_start:
         init = _warm_start_weights(paths, served_dir, status)
         if init is not None:

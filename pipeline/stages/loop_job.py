@@ -26,7 +26,7 @@ def main(params: dict[str, Any], project: int, job_id: str | None = None, reason
     where = params["paths"]
     paths = JobPaths(root=Path.cwd(), loop_dir=Path(where["loop_dir"]), registry_dir=Path(where["registry_dir"]),
                      job_id=job_id or time.strftime("%Y%m%d-%H%M%S"), model_dir=Path(where["model_dir"]),
-                     onnx_dir=Path(where["onnx_dir"]))
+                     onnx_dir=Path(where["onnx_dir"]), encoder=Path(where["encoder"]))
     status_file = paths.job_dir / STATUS_FILE
     status = JobStatus.read(paths.job_dir) if status_file.is_file() else JobStatus(paths.job_id, project, reason)
     client = LabelStudioClient.from_env(retries=push_conf.retries, backoff=push_conf.backoff)
