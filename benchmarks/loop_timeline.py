@@ -5,7 +5,9 @@ and the ``/predict`` latency that annotators see while a job trains, against idl
     .venv/bin/python benchmarks/loop_timeline.py          # after `make repro` (uses its DVC cache); ~15 min on 2 cores
 
 A workspace is cloned from this repository's HEAD into a temp folder (DVC cache shared, outputs checked out),
-so the committed models/onnx is the model served at the start. Writes benchmarks/results/loop_timeline.json.
+so the committed models/onnx (trained on every annotation) is served at the start: a cold candidate on the same
+data ties it and the gate keeps it; ``--served-fraction 0.5`` serves a model trained there on half the
+annotations first, as if annotators had labelled the rest since. Writes benchmarks/results/loop_timeline.json.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def workspace(tmp: Path, env: dict[str, str]) -> Path:
         raise SystemExit("models/onnx is not in the DVC cache of this repository: run `make repro` first")
     (ws / "pretrained").symlink_to(ROOT / "pretrained", target_is_directory=True)
     return ws
+
+
+def train_served_model_on_a_part(ws: Path, env: dict[str, str], fraction: float) -> None:
+    """The model served at the start: trained by `dvc repro` on the first ``fraction`` of the annotated tasks
+    (the others' annotations left out), as if annotators had labelled more since; the project gets them all."""
+    export = ws / "data" / "labelstudio" / "export.json"
+    tasks = json.loads(export.read_text(encoding="utf-8"))
+    keep = int(len(tasks) * fraction)
+    export.write_text(json.dumps(tasks[:keep] + [{**t, "annotations": []} for t in tasks[keep:]],
+                                 ensure_ascii=False), encoding="utf-8")
+    log.info("training the served model on %d of %d tasks' annotations (dvc repro)", keep, len(tasks))
+    sh([sys.executable, "-m", "dvc", "repro", "--quiet"], ws, env)
+    sh(["git", "checkout", "--", "data/labelstudio/export.json"], ws, env)
 
 
 def import_format(task: dict) -> dict:
@@ -127,6 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/loop_timeline.json")
     parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--served-fraction", type=float, default=1.0,
+                        help="share of the annotations the first served model was trained on (1: all of them, "
+                             "so a cold candidate ties it and the gate keeps it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -136,6 +154,8 @@ def main() -> None:
                "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
                "GIT_COMMITTER_EMAIL": "bench@example.com", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         ws = workspace(tmp, env)
+        if args.served_fraction < 1:
+            train_served_model_on_a_part(ws, env, args.served_fraction)
         config = (ws / "data" / "labelstudio" / "label_config.xml").read_text(encoding="utf-8")
         tasks = [import_format(t) for t in json.loads((ws / "data" / "labelstudio" / "export.json").read_text())]
         ensure_label_studio_venv()
@@ -167,7 +187,8 @@ def main() -> None:
         report = {"cpu": cpu_info(), "tasks": len(tasks), "predict_idle": idle, "cold": cold, "warm": warm,
                   "predict_errors": errors,
                   "p99_during_job_vs_idle": round(cold["predict_during_job"]["p99_ms"] / idle["p99_ms"], 2),
-                  "loop": params["loop"], "train_epochs": params["train"]["epochs"]}
+                  "served_fraction": args.served_fraction, "loop": params["loop"],
+                  "train_epochs": params["train"]["epochs"]}
     write_json(args.out, report)
     log.info("wrote %s", args.out)
 

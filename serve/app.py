@@ -102,6 +102,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.batcher.start()
     await state.batcher.submit(["warm up"])  # first ONNX run builds kernels; then we are ready
     sighup = _on_sighup(loop, lambda: loop.run_in_executor(None, state.reloader.check))
+    watcher = asyncio.create_task(_watch_model_dir(state)) if state.settings.reload_interval_s > 0 else None
     state.ready = True
     s = state.settings
     log.info("serving %s from %s (micro-batches of up to %d texts, max wait %.1f ms, ONNX runs of %d)",
@@ -110,11 +111,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.ready = False
+        if watcher is not None:
+            watcher.cancel()
         if sighup:
             loop.remove_signal_handler(signal.SIGHUP)
         if state.training is not None:
             await asyncio.to_thread(state.training.close)
         await asyncio.to_thread(state.batcher.close)
+
+
+async def _watch_model_dir(state: ServiceState) -> None:
+    """Every ``reload_interval_s``, a cheap look (names, sizes, times) at the model folder; a change reloads.
+
+    So ``python -m pipeline promote VERSION`` (a rollback) or a new export is served without a SIGHUP.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(state.settings.reload_interval_s)
+        if state.reloader.worth_a_check():
+            await loop.run_in_executor(None, state.reloader.check)
 
 
 def _openapi(app: FastAPI, api_key: str | None) -> dict[str, Any]:

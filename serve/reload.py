@@ -61,9 +61,15 @@ class ModelReloader:
         self.on_reload = on_reload
         self._lock = threading.Lock()
         self._seen = fingerprint(self.model_dir)
+        self._failed: Fingerprint | None = None  # a folder state that did not load: a poll does not retry it
 
     def changed(self) -> bool:
         return fingerprint(self.model_dir) != self._seen
+
+    def worth_a_check(self) -> bool:
+        """Changed since the last load, and not into the very state that last failed to load (for polling)."""
+        now = fingerprint(self.model_dir)
+        return now != self._seen and now != self._failed
 
     def check(self) -> ReloadResult:
         """Reload if the folder changed since the last (successful) load. Thread-safe, one reload at a time."""
@@ -76,6 +82,7 @@ class ModelReloader:
                 runtime = self.load(self.model_dir)
                 runtime.predict(["warm up the new model"])  # ORT builds its kernels on the first run
             except Exception as exc:  # noqa: BLE001 - a broken folder must not take the service down
+                self._failed = before
                 result = ReloadResult(False, current, current, f"{type(exc).__name__}: {exc}")
                 log.error("model folder %s changed but did not load (%s); still serving %s",
                           self.model_dir, result.error, current)

@@ -28,6 +28,7 @@ class Settings:
     params_file: Path = Path("params.yaml")  # the DVC workspace's params: the labelling loop trains with them
     loop: bool = True               # Start Training runs the labelling loop (needs params_file; README)
     public_url: str | None = None   # the URL Label Studio reaches this service at: its webhook then gets the key
+    reload_interval_s: float = 2.0  # how often the model folder is checked for a change (0: SIGHUP and /setup only)
 
     ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
@@ -35,7 +36,7 @@ class Settings:
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS", "params_file": "NER_PARAMS",
-           "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL"}
+           "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL", "reload_interval_s": "NER_RELOAD_INTERVAL_S"}
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
@@ -73,7 +74,7 @@ def _parse(name: str, raw: str) -> Any:
         if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ValueError(raw)
         return raw.lower() in ("1", "true", "yes")
-    value = float(raw) if name == "max_wait_ms" else int(raw)
+    value = float(raw) if name in ("max_wait_ms", "reload_interval_s") else int(raw)
     if value < 0:
         raise ValueError(raw)
     return value

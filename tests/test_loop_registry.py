@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import yaml
@@ -153,3 +154,30 @@ def test_the_service_reloader_follows_a_promotion_of_the_served_link(tmp_path):
     result = reloader.check()
     assert result.reloaded and (result.previous_version, result.model_version) == ("v1", "v2")
     assert target.runtime.model_version == "v2"
+
+
+def test_a_running_service_serves_a_promotion_or_rollback_without_a_signal(pipeline_run, forced_onnx, tmp_path):
+    import httpx
+
+    from tests.service_process import ServiceProcess
+
+    registry = Registry(tmp_path / "models")
+    first = json.loads((pipeline_run.path("onnx_dir") / "model_info.json").read_text())["model_version"]
+    registry.add(pipeline_run.path("onnx_dir"), {"version": first})
+    registry.add(forced_onnx, {"version": "forced-word-pairs"})
+    registry.promote(first)
+    env = {"NER_RELOAD_INTERVAL_S": "0.5"}
+    with ServiceProcess(registry.served_link, tmp_path / "serve.log", env=env) as svc, \
+            httpx.Client(base_url=svc.url, timeout=30) as client:
+        for version in ("forced-word-pairs", first):  # a promotion, then the rollback
+            registry.promote(version, reason="test")
+            deadline = time.monotonic() + 30
+            while client.get("/v1/model").json()["model_version"] != version:
+                assert time.monotonic() < deadline, svc.log_tail()
+                time.sleep(0.2)
+        # a version folder that does not load is tried once, logged, and the served model stays
+        (registry.root / registry.get("forced-word-pairs")["folder"] / "crf.json").write_text("{broken")
+        registry.promote("forced-word-pairs", reason="broken")
+        time.sleep(3)
+        assert client.get("/v1/model").json()["model_version"] == first
+        assert svc.log_tail(100_000).count("changed but did not load") == 1

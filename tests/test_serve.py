@@ -245,7 +245,9 @@ def set_model_version(model_dir, version: str) -> None:
 def reload_svc(pipeline_run, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("reload") / "onnx"
     shutil.copytree(pipeline_run.path("onnx_dir"), model_dir)
-    with ServiceProcess(model_dir, model_dir.parent / "serve.log", env={"NER_API_KEY": API_KEY}) as proc:
+    # no polling: these tests reload by /setup and SIGHUP, at the moment they choose (the poll has its own test)
+    env = {"NER_API_KEY": API_KEY, "NER_RELOAD_INTERVAL_S": "0"}
+    with ServiceProcess(model_dir, model_dir.parent / "serve.log", env=env) as proc:
         yield proc
 
 
