@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = app_settings(args, parser)
     options = ServerOptions(**{f.name: getattr(args, f.name) for f in fields(ServerOptions)})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if options.workers > 1 and settings.loop:  # each worker would run jobs of its own: two trainers at once
+        log.warning("the labelling loop needs one worker; with --workers %d, Start Training does nothing "
+                    "(run a one-worker service for training)", options.workers)
+        os.environ[Settings.ENV["loop"]] = "0"
+        settings = Settings.from_env()
     try:
         app = create_app(settings=settings)  # loads and warms up the model: a refusal stops here
     except PipelineError as exc:  # a model folder that does not load, a params file that does not parse
