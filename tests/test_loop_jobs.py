@@ -124,15 +124,17 @@ def test_a_job_that_cannot_reach_label_studio_fails_with_its_cause_and_the_model
         assert 'ner_training_jobs_total{decision="failed"} 1.0' in client.get("/metrics").text
 
 
-def test_the_loop_is_off_without_a_params_file_and_with_no_loop(pipeline_run, tmp_path):
+def test_the_loop_is_off_without_a_params_file_with_no_loop_and_with_workers(pipeline_run, workspace, tmp_path):
     env = {"NER_API_KEY": API_KEY}
-    for cwd, args in ((tmp_path, []), (ROOT, ["--no-loop"])):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for cwd, args in ((bare, []), (ROOT, ["--no-loop"]), (workspace, ["--workers", "2"])):
         with ServiceProcess(pipeline_run.path("onnx_dir"), tmp_path / "serve.log", env=env, cwd=cwd,
                             args=args) as svc, httpx.Client(base_url=svc.url, headers=AUTH, timeout=30) as client:
             assert client.get("/v1/training").json()["enabled"] is False
             assert start_training(client).json() == {"status": "ok", "training": "off"}
             assert client.post("/train", json={"project": 7}).status_code == 409
-    assert not os.path.exists(tmp_path / "data" / "loop")
+    assert not os.path.exists(bare / "data" / "loop") and not os.path.exists(workspace / "loop" / "jobs")
 
 
 def test_every_n_annotation_events_start_a_job(pipeline_run, workspace, hung_server):
