@@ -30,11 +30,12 @@ from pipeline.core.config import LoopConfig, PushConfig
 from pipeline.core.errors import PipelineError
 from pipeline.labelstudio.client import LabelStudioClient
 from pipeline.labelstudio.push import push
-from pipeline.labelstudio.shards import Predictions
+from pipeline.labelstudio.shards import Predictions, file_sha256
 from pipeline.loop.experiment import EPOCH_LINE, STAGE_LINE, fetch_output, read_params, run_experiment
 from pipeline.loop.gate import decide
 from pipeline.loop.registry import Registry
 from pipeline.loop.scoring import score_model
+from pipeline.runtime.inference import INFO_FILE
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ def run_job(paths: JobPaths, status: JobStatus, conf: LoopConfig, push_conf: Pus
         status.data_hash = snapshot.name
         step("train")
         _train(paths, status, conf, snapshot, served_dir)
+        outputs = read_params(paths.root, status.commit)["paths"]  # where the experiment wrote its outputs
         step("score")
-        candidate_dir = _score(paths, status, served_dir)
+        candidate_dir = _score(paths, status, served_dir, outputs)
         step("gate")
         decision = decide(status.candidate, status.served, min_gain=conf.min_gain, max_test_drop=conf.max_test_drop)
         if not decision.promote:
@@ -144,7 +146,7 @@ def run_job(paths: JobPaths, status: JobStatus, conf: LoopConfig, push_conf: Pus
     if conf.repredict:  # the new model serves already: a push that fails is said, the promotion stands
         step("repredict")
         try:
-            status.pushed = _repredict(paths, status, client, push_conf)
+            status.pushed = _repredict(paths, status, client, push_conf, outputs)
         except (PipelineError, OSError, ValueError, KeyError) as exc:
             log.error("job %s: re-predicting failed: %s", status.job_id, exc)
             detail += f"; re-predicting the unlabeled tasks failed ({exc}): run python -m pipeline push"
@@ -169,9 +171,9 @@ def _train(paths: JobPaths, status: JobStatus, conf: LoopConfig, snapshot: Path,
                                    on_line=lambda line: _progress(line, status, paths.job_dir))
 
 
-def _score(paths: JobPaths, status: JobStatus, served_dir: Path | None) -> Path:
+def _score(paths: JobPaths, status: JobStatus, served_dir: Path | None, outputs: dict[str, str]) -> Path:
     """Candidate and served model on the experiment's split, by the serving runtime; the candidate's folder."""
-    candidate_dir, conll_dir = _fetch_candidate(paths, status)
+    candidate_dir, conll_dir = _fetch_candidate(paths, status, outputs)
     status.candidate = score_model(candidate_dir, conll_dir)
     if served_dir is not None:
         status.served_version = _version_of(served_dir)
@@ -186,11 +188,7 @@ def take_snapshot(client: LabelStudioClient, project: int, paths: JobPaths) -> P
     client.export_snapshot(project, staging / "export.json")
     (staging / "label_config.xml").write_text(client.label_config_xml(project).rstrip("\n") + "\n",
                                               encoding="utf-8")
-    digest = hashlib.sha256()
-    for name in ("export.json", "label_config.xml"):
-        with (staging / name).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+    digest = hashlib.sha256("".join(file_sha256(staging / n) for n in ("export.json", "label_config.xml")).encode())
     relative = paths.snapshot_dir(digest.hexdigest()[:16])
     if not (paths.root / relative).is_dir():
         with atomic_dir(paths.root / relative) as tmp:
@@ -225,7 +223,7 @@ def _warm_start_weights(paths: JobPaths, served_dir: Path | None, status: JobSta
         fetch_output(paths.root, entry["commit"], params["paths"]["model_dir"], paths.root / relative)
         return relative
     exported, trained = paths.root / paths.onnx_dir, paths.root / paths.model_dir
-    if (exported / "model_info.json").is_file() and _version_of(exported) == version and trained.is_dir():
+    if (exported / INFO_FILE).is_file() and _version_of(exported) == version and trained.is_dir():
         shutil.copytree(trained, paths.root / relative)
         return relative
     status.detail = f"warm start: no trained weights of the served {version}; trained from the encoder"
@@ -246,13 +244,12 @@ def _progress(line: str, status: JobStatus, job_dir: Path) -> None:
     status.write(job_dir)
 
 
-def _fetch_candidate(paths: JobPaths, status: JobStatus) -> tuple[Path, Path]:
+def _fetch_candidate(paths: JobPaths, status: JobStatus, outputs: dict[str, str]) -> tuple[Path, Path]:
     """The experiment's exported model and CoNLL split, out of the DVC cache into the job folder."""
-    params = read_params(paths.root, status.commit)
     job_dir = paths.job_dir
-    model = fetch_output(paths.root, status.commit, params["paths"]["onnx_dir"], job_dir / "candidate")
-    conll = fetch_output(paths.root, status.commit, params["paths"]["conll_dir"], job_dir / "conll")
-    info_path = model / "model_info.json"
+    model = fetch_output(paths.root, status.commit, outputs["onnx_dir"], job_dir / "candidate")
+    conll = fetch_output(paths.root, status.commit, outputs["conll_dir"], job_dir / "conll")
+    info_path = model / INFO_FILE
     info = json.loads(info_path.read_text(encoding="utf-8"))
     info.update(model_version=status.experiment, experiment=status.experiment, commit=status.commit)
     info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -260,7 +257,7 @@ def _fetch_candidate(paths: JobPaths, status: JobStatus) -> tuple[Path, Path]:
 
 
 def _version_of(model_dir: Path) -> str:
-    return json.loads((model_dir / "model_info.json").read_text(encoding="utf-8"))["model_version"]
+    return json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))["model_version"]
 
 
 def _register(registry: Registry, candidate_dir: Path, status: JobStatus, reason: str) -> None:
@@ -274,11 +271,10 @@ def _register(registry: Registry, candidate_dir: Path, status: JobStatus, reason
     status.version = status.experiment
 
 
-def _repredict(paths: JobPaths, status: JobStatus, client: LabelStudioClient,
-               push_conf: PushConfig) -> dict[str, int]:
+def _repredict(paths: JobPaths, status: JobStatus, client: LabelStudioClient, push_conf: PushConfig,
+               outputs: dict[str, str]) -> dict[str, int]:
     """Push the experiment's predictions of the unlabeled tasks (same ids: the snapshot is of this project)."""
-    params = read_params(paths.root, status.commit)
-    predictions = fetch_output(paths.root, status.commit, params["paths"]["predictions"],
+    predictions = fetch_output(paths.root, status.commit, outputs["predictions"],
                                paths.job_dir / "predictions")  # a folder of shards (or one file), streamed
     tasks = Predictions(predictions)
     options = push_conf.model_copy(update={"mode": "attach", "match": "id"})
