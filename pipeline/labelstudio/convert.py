@@ -37,6 +37,7 @@ from pipeline.core.config import ConvertConfig
 from pipeline.core.conll import format_sentence
 from pipeline.core.errors import ConversionError
 from pipeline.core.tags import tag_names
+from pipeline.labelstudio.duplicates import TaskRecords
 from pipeline.labelstudio.jsonstream import RangeMismatch, find_item_start, first_item_start, iter_json_array
 from pipeline.labelstudio.labelconfig import LabelConfig, read_label_config
 from pipeline.labelstudio.report import ConvertReport, log_summary, write_report
@@ -92,7 +93,7 @@ def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, policies
 
 
 def _convert_range(export_path: Path, config: LabelConfig, policies: ConvertConfig, out: Path, k: int,
-                   start: int, stop: int | None) -> tuple[ConvertReport, list]:
+                   start: int, stop: int | None) -> tuple[ConvertReport, TaskRecords]:
     converter = _convert_into(iter_json_array(export_path, start=start, stop=stop), config, policies, out,
                               prefix=f".part{k}.")
     return converter.report, converter.records
@@ -116,7 +117,7 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, policies: Convert
                 part.unlink()
             return None
     report = ConvertReport()
-    records: list = []
+    records = TaskRecords()
     for part_report, part_records in results:
         report.merge(part_report)
         records.extend(part_records)

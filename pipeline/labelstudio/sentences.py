@@ -16,6 +16,7 @@ from pipeline.core.conll import Sentence
 from pipeline.core.errors import ConversionError, TaskError
 from pipeline.core.tags import spans_to_tags
 from pipeline.core.words import split_at, split_words
+from pipeline.labelstudio.duplicates import TaskRecords, report_duplicates
 from pipeline.labelstudio.labelconfig import LabelConfig
 from pipeline.labelstudio.report import ConvertReport, Span
 from pipeline.labelstudio.spans import OTHER_TARGET, UNMATCHED, extract_spans, resolve_overlaps
@@ -62,9 +63,9 @@ class TaskConverter:
         self.config = config
         self.policies = ConvertConfig() if policies is None else policies  # its types checked every choice
         self.report = ConvertReport()
-        # (task id, text digest, tags hash) per converted task, in export order: duplicates are
-        # found once at the end, so ranges converted in parallel give the same report
-        self.records: list[tuple[Any, bytes, int]] = []
+        # (task id, text digest, tags hash) per converted task, in export order, ~32 bytes each: duplicates
+        # are found once at the end, so ranges converted in parallel give the same report
+        self.records = TaskRecords()
 
     def convert(self, task: dict[str, Any]) -> tuple[str, Sentence] | None:
         """``(split, sentence)`` for a task with a usable annotation, else None (counted, or listed if skipped)."""
@@ -95,8 +96,7 @@ class TaskConverter:
         if not sentence.words:
             report.counts["tasks_empty_text"] += 1
             return None
-        self.records.append((task_id, hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),
-                             hash(tuple(sentence.tags))))
+        self.records.add(task_id, text, tuple(sentence.tags))
         split = policies.split
         name = split_of(text if split.key == "text" else str(task_id), split.dev, split.test)
         report.splits[name] += 1
@@ -106,8 +106,7 @@ class TaskConverter:
         return finish_report(self.report, self.records, self.config)
 
 
-def finish_report(report: ConvertReport, records: Iterable[tuple[Any, bytes, int]],
-                  config: LabelConfig) -> ConvertReport:
+def finish_report(report: ConvertReport, records: TaskRecords, config: LabelConfig) -> ConvertReport:
     """Close a conversion (one pass or merged ranges): refuse an unusable export, then find duplicates."""
     check_usable(report, config)
     report_duplicates(records, report)
@@ -139,31 +138,6 @@ def _what_they_name(report: ConvertReport) -> str:
         return "every label is one the config does not define (convert.unknown_label: ignore dropped them all)"
     return "they name " + "; ".join(f"from_name={f!r} to_name={t!r} type={k!r} ({n})"
                                     for (f, t, k), n in named.most_common(3))
-
-
-def report_duplicates(records: Iterable[tuple[Any, bytes, int]], report: ConvertReport) -> None:
-    """Count repeated texts and ids; list texts whose labels differ from the first occurrence, and
-    every repeated task id (the CoNLL files would hold two sentences under one id)."""
-    first: dict[bytes, tuple[Any, int]] = {}
-    texts_by_id: dict[str, tuple[Any, bytes]] = {}
-    for task_id, digest, tags_hash in records:
-        earlier = texts_by_id.get(str(task_id))
-        if earlier is None:
-            texts_by_id[str(task_id)] = (task_id, digest)
-        else:
-            report.counts["tasks_duplicate_id"] += 1
-            report.spans.append({"task_id": task_id, "action": "reported",
-                                 "reason": "duplicate_id" if earlier[1] == digest else "duplicate_id_different_text",
-                                 "duplicate_of": earlier[0]})
-        seen = first.get(digest)
-        if seen is None:
-            first[digest] = (task_id, tags_hash)
-            continue
-        report.counts["tasks_duplicate_text"] += 1
-        if seen[1] != tags_hash:
-            report.counts["tasks_duplicate_conflicting_labels"] += 1
-            report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
-                                 "duplicate_of": seen[0]})
 
 
 def convert_tasks(tasks: Iterable[dict[str, Any]], config: LabelConfig, *,
