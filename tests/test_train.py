@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,3 +230,23 @@ def test_a_warm_start_begins_from_the_trained_weights_and_refuses_another_tag_se
     (tmp_path / "models" / "best" / "labels.json").write_text(json.dumps(labels))
     with pytest.raises(ParamsError, match="does not fit this model"):
         prepare("data/conll", tiny_encoder, bigger, torch.device("cpu"))
+
+
+def test_the_convert_to_train_hand_off_reads_each_conll_file_once(tmp_path, tiny_encoder):
+    """Training loads the CoNLL set once (no second pass for tags, counts or checks): at a million tasks a
+    second read would double the stage's start-up. An audit hook in a fresh interpreter counts the opens."""
+    params = make_train_project(tmp_path, tiny_encoder, 60, epochs=1, batch_size=8, lstm_hidden=8, threads=1)
+    code = """
+import collections, json, sys
+opened = collections.Counter()
+sys.addaudithook(lambda event, args: event == "open" and str(args[0]).endswith(".conll")
+                 and opened.update([str(args[0]).rsplit("/", 1)[-1]]))
+import torch
+from pipeline.modeling.train import TrainConfig, prepare
+prepare("data/conll", sys.argv[1], TrainConfig.from_params(json.loads(sys.argv[2])), torch.device("cpu"))
+print(json.dumps(opened))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_encoder), json.dumps(params["train"])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"train.conll": 1, "dev.conll": 1}
