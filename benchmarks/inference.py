@@ -13,6 +13,10 @@ to entities with character offsets:
   (b) torch_eager   our BERT-BiLSTM-CRF in PyTorch eager mode (``paths.model_dir``)
   (c) onnx_fp32     our ONNX runtime (``pipeline.runtime.inference.NerRuntime``), ``model.onnx``
   (d) onnx_int8     the same runtime on ``model.int8.onnx``
+  (e) plain_ort_fp32 / plain_ort_int8  the peer a user who skips our product would build:
+                    ``BertForTokenClassification`` of the same encoder in plain ONNX Runtime (exported the
+                    usual way, ``quantize_dynamic`` for int8), sorted batches, argmax only
+                    (``benchmarks/plain_ort_tagger.py``); ours must match it although it runs a BiLSTM and a CRF
 
 (b), (c) and (d) share everything but the engine that computes emissions: word
 splitting, sub-tokens, length-sorted dynamic batches, numpy Viterbi and marginals.
@@ -50,6 +54,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -66,10 +71,12 @@ from pipeline.core.params import load_params
 from pipeline.core.words import split_words
 from pipeline.modeling.model import ENCODER_CONFIG, HEAD_CONFIG, load_model
 from pipeline.runtime.inference import NerRuntime
+from plain_ort_tagger import PlainTagger, export_plain  # benchmarks/, this script's folder
 
 log = logging.getLogger("benchmarks.inference")
 
-TARGETS = {"onnx_fp32_vs_hf_pipeline": 5.0, "onnx_int8_vs_onnx_fp32": 1.8, "int8_f1_drop_points": 0.5}
+TARGETS = {"onnx_fp32_vs_hf_pipeline": 5.0, "onnx_int8_vs_onnx_fp32": 1.8, "int8_f1_drop_points": 0.5,
+           "onnx_fp32_vs_plain_ort_tagger": 1.0, "onnx_int8_vs_plain_ort_tagger_int8": 1.0}
 #: ONNX Runtime's u8s8 int8 kernels saturate without VNNI (its quantization docs): the int8 target is per ISA.
 INT8_TARGET_WITHOUT_VNNI = 1.5
 
@@ -168,6 +175,10 @@ def main() -> None:
     int8 = NerRuntime(paths["onnx_dir"], quantized=True, threads=args.threads, batch_size=args.batch_size)
     eager = torch_runtime(paths["onnx_dir"], paths["model_dir"], args.batch_size)
     hf = hf_pipeline(paths["encoder"], fp32.tags)
+    plain_dir = Path(tempfile.mkdtemp(prefix="plain-ort-"))
+    plain = {name: PlainTagger(export_plain(paths["encoder"], fp32.tags, plain_dir, quantize), paths["encoder"],
+                               fp32.tags, args.threads, args.batch_size)
+             for name, quantize in (("plain_ort_fp32", False), ("plain_ort_int8", True))}
 
     batched: dict[str, Callable[[list[str]], Any]] = {
         "hf_pipeline": lambda xs: hf(xs, batch_size=args.batch_size),
@@ -175,12 +186,14 @@ def main() -> None:
         "torch_eager": eager.predict,
         "onnx_fp32": fp32.predict,
         "onnx_int8": int8.predict,
+        **{name: tagger.predict for name, tagger in plain.items()},
     }
     single: dict[str, Callable[[list[str]], Any]] = {
         "hf_pipeline": lambda xs: hf(xs[0]),
         "torch_eager": eager.predict,
         "onnx_fp32": fp32.predict,
         "onnx_int8": int8.predict,
+        **{name: tagger.predict for name, tagger in plain.items()},
     }
     for name, fn in batched.items():  # warm-up: first calls build kernels and caches
         fn(texts[:args.batch_size])
@@ -267,6 +280,9 @@ def main() -> None:
         "onnx_fp32_vs_torch_eager": ratios("onnx_fp32", "torch_eager"),
         "onnx_int8_vs_onnx_fp32": ratios("onnx_int8", "onnx_fp32"),
         "int8_f1_drop_points": round(100 * (f1_fp32 - f1_int8), 2),
+        "onnx_fp32_vs_plain_ort_tagger": ratios("onnx_fp32", "plain_ort_fp32"),
+        "onnx_int8_vs_plain_ort_tagger_int8": ratios("onnx_int8", "plain_ort_int8"),
+        "plain_ort_int8_vs_plain_ort_fp32": ratios("plain_ort_int8", "plain_ort_fp32"),
     }
     met = {
         "onnx_fp32_vs_hf_pipeline": comparison["onnx_fp32_vs_hf_pipeline"]["batched_throughput"]
@@ -278,6 +294,8 @@ def main() -> None:
         "onnx_int8_vs_onnx_fp32": comparison["onnx_int8_vs_onnx_fp32"]["batched_throughput"]
         >= int8_target(),
         "int8_f1_drop_points": comparison["int8_f1_drop_points"] < TARGETS["int8_f1_drop_points"],
+        **{key: comparison[key]["batched_throughput"] >= TARGETS[key]
+           for key in ("onnx_fp32_vs_plain_ort_tagger", "onnx_int8_vs_plain_ort_tagger_int8")},
     }
     report = {
         "model_version": fp32.model_version,
