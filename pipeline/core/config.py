@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.core.errors import ParamsError
 
@@ -131,3 +132,96 @@ class LoopConfig(SectionConfig):
     warm_epochs: PositiveInt = 2           # epochs of a warm start
     history: PositiveInt = 20              # finished jobs that /v1/training lists
     nice: int = Field(10, ge=0, le=19)     # CPU priority of the trainer process (higher: gentler on serving)
+
+
+def number(value: Any) -> int | float | None:
+    """A params value as a number: ``5e-5`` (a string to YAML) is a float, ``true`` is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class SearchDim(BaseModel):
+    """One tuned ``train`` key: a range (``low``, ``high``, optional ``log`` scale or ``step``) or ``choices``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: tuple[bool | int | float | str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDim:
+        def bad(message: str) -> PydanticCustomError:
+            return PydanticCustomError("search_dim", message)
+
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise bad("give either choices or low/high, not both")
+            if not self.choices:
+                raise bad("choices is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise bad("needs low and high (a range) or choices")
+        if self.low > self.high:
+            raise bad(f"low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise bad(f"a log scale needs low > 0 (low is {self.low})")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise bad("step must be > 0, and a log scale takes no step")
+        return self
+
+
+#: The issue's study: the three rates, warmup, dropout, LSTM size and epochs (README, Tuning).
+TUNE_SPACE = {
+    "lr_encoder": SearchDim(low=1e-5, high=2e-4, log=True),
+    "lr_head": SearchDim(low=2e-4, high=5e-3, log=True),
+    "lr_crf": SearchDim(low=1e-3, high=1e-1, log=True),
+    "warmup": SearchDim(low=0.0, high=0.3),
+    "dropout": SearchDim(low=0.0, high=0.4),
+    "lstm_hidden": SearchDim(choices=(128, 256, 384, 512)),
+    "epochs": SearchDim(low=3, high=8),
+}
+
+
+class TuneConfig(SectionConfig):
+    """``python -m pipeline tune``: an Optuna study whose trials are DVC experiments of the train stage."""
+
+    section: ClassVar[str] = "tune"
+
+    trials: PositiveInt = 24               # trials the study holds when done (a resumed study runs the rest)
+    timeout: NonNegativeInt = 0            # seconds of one run after which no new trial starts (0: none)
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    startup_trials: NonNegativeInt = 5     # random trials before TPE models; finished trials before median prunes
+    min_epochs: PositiveInt = 1            # epochs every trial runs before the pruner may stop it
+    seed: int = 13                         # the sampler's seed (each trial trains with the top-level seed)
+    study: str = Field("tune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also names the experiments: tune-0, ...
+    storage: str = "reports/tune.db"       # SQLite file (or an Optuna RDB URL): running again continues the study
+    space: dict[str, SearchDim] = Field(default_factory=lambda: dict(TUNE_SPACE))
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TuneConfig:
+        """The section, its space checked against the ``train`` section (``dvc exp run -S`` sets only keys there)."""
+        config = super().from_params(params)
+        train = params.get("train") or {}
+        for key, dim in config.space.items():
+            where = f"tune.space.{key}"
+            if key not in train:
+                raise ParamsError(f"{where}: not a key of the train section (known: {sorted(train)})")
+            current = number(train[key])
+            if dim.choices is None and current is None:
+                raise ParamsError(f"{where}: train.{key} is not a number: give choices")
+            if dim.choices is None and isinstance(current, int) and not all(
+                    float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)):
+                raise ParamsError(f"{where}: train.{key} is an integer: low, high and step must be integers")
+            if config.sampler == "grid" and dim.choices is None:
+                raise ParamsError(f"{where}: the grid sampler needs choices")
+        return config

@@ -1,0 +1,58 @@
+"""The tune command (not a DVC stage): an Optuna study over the train params, each trial a DVC experiment.
+
+``main()`` reads the ``tune`` section once and calls the tuning layer with plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import TuneConfig
+from pipeline.core.errors import ParamsError
+from pipeline.tuning.report import apply_command, best_trial, write_plots, write_report
+from pipeline.tuning.study import StudySetup, run_study
+
+log = logging.getLogger(__name__)
+
+
+def main(params: dict[str, Any], trials: int | None = None, timeout: int | None = None) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the running experiment stops with the tuner
+    conf = TuneConfig.from_params(params)
+    conf = conf.model_copy(update={k: v for k, v in (("trials", trials), ("timeout", timeout)) if v is not None})
+    paths, root = params["paths"], Path.cwd()
+    missing = [k for k in ("tune_report", "tune_trials", "tune_plots", "train_live", "encoder") if k not in paths]
+    if missing:
+        raise ParamsError(f"paths.{missing[0]}: missing (tune writes and reads there)")
+    setup = StudySetup(root, conf, dict(params["train"]), paths["train_live"],
+                       copy_paths=_ignored(root, paths["encoder"]))
+
+    def report(study: Any) -> None:
+        write_report(study, conf, paths["tune_report"], paths["tune_trials"])
+
+    study = run_study(setup, on_trial=report)
+    report(study)
+    plots = write_plots(study, paths["tune_plots"])
+    log.info("wrote %s, %s and %d plots in %s", paths["tune_report"], paths["tune_trials"], len(plots),
+             paths["tune_plots"])
+    best = best_trial(study)
+    if best is None:
+        log.info("no trial has finished yet: nothing to apply")
+        return
+    log.info("best: trial %d, dev F1 %.4f; apply it with: %s", best.number, best.value, apply_command(best))
+
+
+def _ignored(root: Path, encoder: str) -> tuple[str, ...]:
+    """The encoder folder when git ignores it (the default ``pretrained/``): the temp workspace needs a copy."""
+    path = Path(encoder)
+    if path.is_absolute() or not (root / path).exists():
+        return ()
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=root).returncode == 0
+    return (path.as_posix(),) if ignored else ()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,1 @@
+"""Hyperparameter tuning: an Optuna study whose trials are DVC experiments of the train stage (torch-free)."""
