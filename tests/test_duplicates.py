@@ -42,16 +42,21 @@ rows = st.lists(st.tuples(task_ids, st.sampled_from(["x", "y", "z w", "é"]),
 
 @settings(max_examples=300, deadline=None)
 @given(rows, st.integers(0, 40))
-def test_same_report_as_the_dict_walk_in_one_pass_or_joined_ranges(rows, cut):
-    expected, got = ConvertReport(), ConvertReport()
+def test_same_report_as_the_dict_walk_in_one_pass_or_joined_ranges(tmp_path_factory, rows, cut):
+    expected = ConvertReport()
     dict_walk(rows, expected)
-    head, tail = TaskRecords(), TaskRecords()  # two ranges converted side by side, joined in export order
+    one, head, tail = TaskRecords(), TaskRecords(), TaskRecords()  # head and tail: two ranges side by side
     for k, (task_id, text, tags) in enumerate(rows):
+        one.add(task_id, text, tags)
         (head if k < cut else tail).add(task_id, text, tags)
-    head.extend(tail)
-    report_duplicates(head, got)
-    assert got.spans == expected.spans
-    assert got.counts == expected.counts
+    folder = tmp_path_factory.mktemp("records")
+    head.dump(folder / "0.records")
+    tail.dump(folder / "1.records")
+    for records in (one, TaskRecords.join([folder / "0.records", folder / "1.records"])):
+        got = ConvertReport()
+        report_duplicates(records, got)
+        assert got.spans == expected.spans
+        assert got.counts == expected.counts
 
 
 def test_a_million_records_stay_small():

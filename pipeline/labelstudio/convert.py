@@ -93,10 +93,12 @@ def _convert_into(tasks: Iterable[dict[str, Any]], config: LabelConfig, policies
 
 
 def _convert_range(export_path: Path, config: LabelConfig, policies: ConvertConfig, out: Path, k: int,
-                   start: int, stop: int | None) -> tuple[ConvertReport, TaskRecords]:
+                   start: int, stop: int | None) -> ConvertReport:
+    """Convert one byte range into ``.part{k}.*`` files; its duplicate records go to ``.part{k}.records``."""
     converter = _convert_into(iter_json_array(export_path, start=start, stop=stop), config, policies, out,
                               prefix=f".part{k}.")
-    return converter.report, converter.records
+    converter.records.dump(out / f".part{k}.records")
+    return converter.report
 
 
 def _convert_in_ranges(export_path: Path, config: LabelConfig, policies: ConvertConfig, out: Path,
@@ -109,18 +111,20 @@ def _convert_in_ranges(export_path: Path, config: LabelConfig, policies: Convert
     with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
         jobs = [pool.apply_async(_convert_range, (export_path, config, policies, out, k, start, stop))
                 for k, (start, stop) in enumerate(ranges)]
+        report = ConvertReport()
         try:
-            results = [job.get() for job in jobs]
+            for job in jobs:
+                report.merge(job.get())
         except (RangeMismatch, ConversionError) as exc:
             log.info("parallel conversion gave up (%s); converting in one pass", exc)
             for part in out.glob(".part*"):
                 part.unlink()
             return None
-    report = ConvertReport()
-    records = TaskRecords()
-    for part_report, part_records in results:
-        report.merge(part_report)
-        records.extend(part_records)
+    parts = [out / f".part{k}.records" for k in range(len(ranges))]
+    records = TaskRecords.join(parts)
+    for part in parts:
+        part.unlink()
+        part.with_name(part.name + ".odd.json").unlink()
     _join_parts(out, len(ranges))
     finish_report(report, records, config)
     log.info("converted %d tasks in %d parallel ranges", report.counts["tasks"], len(ranges))
