@@ -31,6 +31,8 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--max-wait-ms": "max_wait_ms",
     "--onnx-batch-size": "onnx_batch_size",
     "--max-texts": "max_texts",
+    "--max-predict-tasks": "max_predict_tasks",
+    "--max-predict-body-bytes": "max_predict_body_bytes",
     "--max-chars": "max_chars",
     "--max-body-bytes": "max_body_bytes",
     "--max-config-chars": "max_config_chars",

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from pipeline.core.errors import PipelineError
 from serve.auth import OPEN_PATHS, ApiKeyAuth
@@ -37,10 +38,11 @@ DESCRIPTION = ("BERT-BiLSTM-CRF entities with character offsets; also a Label St
 
 
 class InFlight:
-    """Counts the requests to the inference routes that are inside the app (for the batcher's ``arrivals``)."""
+    """Counts the requests to the inference routes that are inside the app (for the batcher's ``arrivals``);
+    ``on_quiet`` runs when the last one has been answered (the batcher may then give memory back)."""
 
-    def __init__(self, app: Any, paths: frozenset[str]) -> None:
-        self.app, self.paths, self.count = app, paths, 0
+    def __init__(self, app: Any, paths: frozenset[str], on_quiet: Any = None) -> None:
+        self.app, self.paths, self.count, self.on_quiet = app, paths, 0, on_quiet
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -51,9 +53,23 @@ class InFlight:
             await self.app(scope, receive, send)
         finally:
             self.count -= 1
+            if self.count == 0 and self.on_quiet is not None:
+                self.on_quiet()
 
 
 INFERENCE_PATHS = frozenset({"/v1/ner", "/predict"})
+
+
+class BodyLimit:
+    """ASGI middleware: the request body limit, by path. ``/predict``'s is larger: Label Studio's "Retrieve
+    predictions" posts a whole selection of full task dicts in one call."""
+
+    def __init__(self, app: Any, default: int, by_path: dict[str, int]) -> None:
+        self.default = RequestBodyLimitMiddleware(app, default)
+        self.by_path = {path: RequestBodyLimitMiddleware(app, limit) for path, limit in by_path.items()}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.by_path.get(scope.get("path", ""), self.default)(scope, receive, send)
 
 
 class NerService(FastAPI):
@@ -61,11 +77,14 @@ class NerService(FastAPI):
 
     metrics: Metrics
     api_key: str | None
+    body_limits: tuple[int, dict[str, int]] = (10 << 20, {})  # default, by path
     in_flight: InFlight | None = None
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's signature
-        self.in_flight = InFlight(super().build_middleware_stack(), INFERENCE_PATHS)
-        return AccessLog(ShutdownAnswer(ApiKeyAuth(self.in_flight, self.api_key)), self.metrics, self.router.routes)
+        self.in_flight = InFlight(super().build_middleware_stack(), INFERENCE_PATHS,
+                                  on_quiet=lambda: self.state.batcher.quiet())
+        limited = BodyLimit(self.in_flight, *self.body_limits)
+        return AccessLog(ShutdownAnswer(ApiKeyAuth(limited, self.api_key)), self.metrics, self.router.routes)
 
     def arrivals(self) -> int:
         """Requests inside the app that the batcher has not been handed yet (read from the worker thread)."""
@@ -82,9 +101,10 @@ def create_app(model_dir: str | Path | None = None, *, settings: Settings | None
     settings = dataclasses.replace(settings, **overrides)
     state = ServiceState(settings)  # loads and warms up the model: a folder that does not load stops here
     app = NerService(title="NER service", version=state.runtime.model_version, lifespan=_lifespan,
-                     max_body_size=settings.max_body_bytes, description=DESCRIPTION)
+                     description=DESCRIPTION)  # body limits: BodyLimit, by path
     install_error_handlers(app)
     app.metrics, app.api_key = state.metrics, settings.api_key
+    app.body_limits = (settings.max_body_bytes, {"/predict": settings.max_predict_body_bytes})
     state.batcher.arrivals = app.arrivals
     app.state.service = state
     app.state.batcher, app.state.reloader, app.state.settings = state.batcher, state.reloader, settings

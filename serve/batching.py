@@ -1,22 +1,30 @@
-"""Dynamic micro-batching: concurrent requests share one runtime call, on a worker thread.
+"""Dynamic micro-batching with fair scheduling: concurrent requests share runtime calls, on a worker thread.
 
 Each request puts its texts on a queue and waits on a future. One worker
-thread takes the first waiting request, keeps collecting requests until the
-batch holds ``max_batch_size`` texts or ``max_wait_ms`` have passed since that
-first request, runs ``runtime.predict`` once over all their texts (the runtime
-sorts them by length into ONNX batches), and hands each request its own slice
-of the results. Requests that arrive while a batch runs queue up and form the
-next batch, so under load batches fill without waiting.
+thread keeps a rotation of active requests. It plans a request's texts a chunk
+at a time (words, sub-tokens, encoder windows: ``runtime.plan``), then forms
+each runtime call from up to ``max_batch_size`` windows taken one per request
+in turn (round-robin), runs them together (``runtime.run_windows``: sorted by
+length into ONNX batches), and decodes the plans whose windows have all run
+(``runtime.finish``). A request with two 100k-character texts (thousands of
+windows) thus takes one window per turn like everyone else: a one-tweet
+request sent meanwhile joins the very next call and is answered after it,
+not after all the long request's windows. Only the current chunk of a request
+is planned, so memory stays bounded however many texts it holds.
 
-Waiting only pays when company is on its way. With ``arrivals`` (the server's
-count of requests it has accepted but not yet handed over), the worker stops
-waiting as soon as nobody is on the way: a lone client never pays the wait.
+Every request already queued joins the rotation before each call. Waiting for
+more only pays when the call has room and company is on its way: with
+``arrivals`` (the server's count of requests it has accepted but not yet
+handed over), the worker stops waiting as soon as nobody is on the way, so a
+lone client never pays ``max_wait_ms``.
 
-The runtime is read once per batch: swapping ``batcher.runtime`` (hot reload)
-lets the batch in flight finish on the old model while the next one uses the
-new. If a batch of several requests fails, each request is retried alone, so
-one bad request cannot fail its neighbours; a request that fails alone gets
-the exception.
+A request is pinned to the runtime current when its first chunk is planned:
+swapping ``batcher.runtime`` (hot reload) lets requests in flight finish on
+the old model while new ones use the new. If a call over several requests'
+windows fails, each request's windows are retried alone, so one bad request
+cannot fail its neighbours; a request that fails alone gets the exception.
+When the worker goes idle after a request of more than ``max_batch_size``
+windows, ``on_idle(runtime)`` runs (``serve.memory.release_memory``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,9 +44,48 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
+    """What the batcher runs: texts planned into windows, windows run in any mix, plans decoded together
+    (:class:`serve.windows.ServingRuntime`). A runtime with only ``predict(texts)`` is wrapped by
+    :class:`TextsAsWindows` (each text one window)."""
+
     model_version: str
 
-    def predict(self, texts: list[str]) -> list[Any]: ...
+    def plan(self, texts: list[str]) -> Any: ...
+
+    def run_windows(self, windows: list[Any]) -> list[Any]: ...
+
+    def finish(self, plans: list[Any]) -> list[list[Any]]: ...
+
+
+class _TextPlan:
+    """The plan of :class:`TextsAsWindows`: window i is text i."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.windows = [(self, i) for i in range(len(texts))]
+        self.outputs: list[Any] = [None] * len(texts)
+        self.remaining = len(texts)
+
+    def put(self, window: tuple[_TextPlan, int], output: Any) -> None:
+        self.outputs[window[1]] = output
+        self.remaining -= 1
+
+
+class TextsAsWindows:
+    """A runtime that only has ``predict(texts)``, seen as one whose every text is one window."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.model_version: str = runtime.model_version
+
+    def plan(self, texts: list[str]) -> _TextPlan:
+        return _TextPlan(texts)
+
+    def run_windows(self, windows: list[tuple[_TextPlan, int]]) -> list[Any]:
+        return self.runtime.predict([plan.texts[i] for plan, i in windows])
+
+    def finish(self, plans: list[_TextPlan]) -> list[list[Any]]:
+        return [plan.outputs for plan in plans]
 
 
 @dataclass(frozen=True)
@@ -52,7 +100,7 @@ class Batched:
 class BatchStats:
     """One runtime call, as reported to ``on_batch`` (metrics)."""
 
-    texts: int
+    texts: int  # windows in the call: a text is one window unless it is longer than the encoder takes
     requests: int
     seconds: float
 
@@ -61,21 +109,41 @@ class BatcherClosed(RuntimeError):
     """The batcher was closed; no new requests are taken."""
 
 
-@dataclass
-class _Item:
+@dataclass(eq=False)
+class _Job:
+    """One request: its texts, planned a chunk at a time; the windows of its chunks handed out in turn."""
+
     texts: list[str]
     future: Future = field(default_factory=Future)
+    runtime: Any = None     # the (windowed) runtime of its first plan: a request never mixes two models
+    planned: int = 0        # texts planned so far
+    plan: Any = None        # the chunk whose windows are being handed out
+    plan_lo: int = 0        # its first text's index in ``texts``
+    cursor: int = 0         # next window of ``plan``
+    open_plans: int = 0     # plans handed out, not yet finished
+    windows: int = 0        # windows planned so far
+    results: list[Any] = field(default_factory=list)
+    failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.texts)
+
+    @property
+    def done(self) -> bool:
+        return not self.failed and self.planned == len(self.texts) and self.open_plans == 0
 
 
 _STOP = object()
+_RELEASE = object()  # from quiet(): give memory back when idle
 
 
 class MicroBatcher:
-    """Groups concurrent ``submit`` calls into single ``runtime.predict`` calls."""
+    """Runs the windows of concurrent ``submit`` calls in shared runtime calls, round-robin across requests."""
 
-    def __init__(self, runtime: Runtime, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, runtime: Any, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[BatchStats], None] | None = None,
-                 arrivals: Callable[[], int] | None = None) -> None:
+                 arrivals: Callable[[], int] | None = None,
+                 on_idle: Callable[[Any], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -85,11 +153,16 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self.arrivals = arrivals
+        self.on_idle = on_idle  # called with the runtime when the worker goes idle after a large request
         self.outstanding = 0  # submitted, not yet answered
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopping = False  # the worker saw _STOP: finish what is active, then exit
+        self._wrapped: TextsAsWindows | None = None
+        self._release_due = False  # quiet() was called: release when idle
+        self._large = False     # a request of more than max_batch_size windows ran since the last on_idle
 
     @property
     def running(self) -> bool:
@@ -118,14 +191,20 @@ class MicroBatcher:
         """Queue ``texts``; the future resolves to a :class:`Batched`."""
         if not self.running:
             self.start()
-        item = _Item(list(texts))
-        with self._lock:  # no item may slip in behind _STOP
+        job = _Job(list(texts))
+        with self._lock:  # no job may slip in behind _STOP
             if self._closed:
                 raise BatcherClosed("batcher is closed")
             self.outstanding += 1
-            self._queue.put(item)
-        item.future.add_done_callback(self._answered)
-        return item.future
+            self._queue.put(job)
+        job.future.add_done_callback(self._answered)
+        return job.future
+
+    def quiet(self) -> None:
+        """The server has no inference request in flight (their answers are sent and dropped): if a large
+        request ran, the worker calls ``on_idle`` as soon as it is idle."""
+        if self._large and self.on_idle is not None:
+            self._queue.put(_RELEASE)
 
     def _answered(self, _: Future) -> None:
         with self._lock:
@@ -142,72 +221,186 @@ class MicroBatcher:
     # -- worker ---------------------------------------------------------------
 
     def _work(self) -> None:
-        carry: _Item | None = None
-        stopping = False
+        active: deque[_Job] = deque()  # requests with windows still to hand out, in round-robin order
         while True:
-            if carry is not None:
-                first, carry = carry, None
-            elif stopping:
+            if not active and not self._wait(active):
                 return
-            else:
-                first = self._queue.get()
-                if first is _STOP:
+            if not active:
+                continue
+            self._gather(active)
+            self._run(self._take(active), active)  # no local keeps the last call's requests alive when idle
+
+    def _wait(self, active: deque[_Job]) -> bool:
+        """Idle: release memory if due, then block for the next item; False once the batcher stops."""
+        if self._stopping:
+            return False
+        if self._release_due:
+            self._idle()
+        item = self._queue.get()
+        if item is _STOP:
+            return False
+        if item is _RELEASE:
+            self._release_due = True
+        else:
+            self._admit(item, active)
+        return True
+
+    def _windowed(self) -> Any:
+        """The current runtime, wrapped once if it only has ``predict``."""
+        runtime = self.runtime
+        if hasattr(runtime, "plan"):
+            return runtime
+        if self._wrapped is None or self._wrapped.runtime is not runtime:
+            self._wrapped = TextsAsWindows(runtime)
+        return self._wrapped
+
+    def _admit(self, job: _Job, active: deque[_Job]) -> None:
+        if job.future.set_running_or_notify_cancel():
+            active.append(job)
+
+    def _gather(self, active: deque[_Job]) -> None:
+        """Every request already waiting joins the rotation; then, while the batch has room, wait out
+        ``max_wait`` for requests that are on their way."""
+        deadline = time.monotonic() + self.max_wait
+        while not self._stopping:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if (left <= 0 or self._ready_windows(active) >= self.max_batch_size
+                        or (self.arrivals is not None and self.arrivals() <= 0)):
                     return
-            batch, size = [first], len(first.texts)
-            deadline = time.monotonic() + self.max_wait
-            while size < self.max_batch_size and not stopping:
-                try:  # whatever already waits joins at once; then wait out the rest of max_wait
-                    item = self._queue.get_nowait()
+                try:
+                    item = self._queue.get(timeout=left)
                 except queue.Empty:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or (self.arrivals is not None and self.arrivals() <= 0):
-                        break
-                    try:
-                        item = self._queue.get(timeout=left)
-                    except queue.Empty:
-                        break
-                if item is _STOP:
-                    stopping = True  # finish this batch (and a carried item), then exit
-                elif size + len(item.texts) > self.max_batch_size:
-                    carry = item  # starts the next batch
-                    break
-                else:
-                    batch.append(item)
-                    size += len(item.texts)
-            self._run(batch)
-
-    def _run(self, batch: list[_Item]) -> None:
-        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
-        if not batch:
-            return
-        runtime = self.runtime  # one model for the whole batch, even if a reload swaps it meanwhile
-        texts = [text for item in batch for text in item.texts]
-        start = time.perf_counter()
-        try:
-            predictions = runtime.predict(texts)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, not swallowed
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                    return
+            if item is _STOP:
+                self._stopping = True  # finish the active requests, then exit
+            elif item is _RELEASE:
+                self._release_due = True
             else:
-                log.warning("batch of %d requests failed (%s); retrying each alone", len(batch), exc)
-                for item in batch:
-                    self._run_alone(runtime, item)
-            return
-        self._report(BatchStats(len(texts), len(batch), time.perf_counter() - start))
-        lo = 0
-        for item in batch:
-            item.future.set_result(Batched(predictions[lo:lo + len(item.texts)], runtime.model_version))
-            lo += len(item.texts)
+                self._admit(item, active)
 
-    def _run_alone(self, runtime: Runtime, item: _Item) -> None:
-        start = time.perf_counter()
+    def _ready_windows(self, active: deque[_Job]) -> int:
+        """Windows the active requests could hand out now (a request not planned yet counts its texts)."""
+        total = 0
+        for job in active:
+            total += len(job.texts) - job.planned
+            if job.plan is not None:
+                total += len(job.plan.windows) - job.cursor
+            if total >= self.max_batch_size:
+                break
+        return total
+
+    def _take(self, active: deque[_Job]) -> list[_Taken]:
+        """Up to ``max_batch_size`` windows, one per request in turn (round-robin): a short request waits for
+        at most one window of each other request per turn, never for all of a long one's windows."""
+        taken: list[_Taken] = []
+        while active and len(taken) < self.max_batch_size:
+            job = active.popleft()
+            window = self._next_window(job)
+            if window is not None:
+                taken.append(_Taken(job, job.plan, job.plan_lo, window))
+                active.append(job)
+            elif job.done:  # its last chunk held texts without words only: nothing left to run
+                self._complete(job)
+        return taken
+
+    def _next_window(self, job: _Job) -> Any:
+        """The request's next window, planning its next chunk of texts when the current one is handed out."""
+        while job.plan is None or job.cursor == len(job.plan.windows):
+            if job.failed or job.planned == len(job.texts):
+                return None
+            lo, chunk = job.planned, _chunk(job.texts, job.planned, self.max_batch_size)
+            try:
+                if job.runtime is None:  # one model for the whole request, even if a reload swaps it meanwhile
+                    job.runtime = self._windowed()
+                plan = job.runtime.plan(chunk)
+            except Exception as exc:  # noqa: BLE001 - the request gets it; its neighbours go on
+                self._fail(job, exc)
+                return None
+            job.planned += len(chunk)
+            job.windows += len(plan.windows)
+            job.open_plans += 1
+            if plan.windows:
+                job.plan, job.plan_lo, job.cursor = plan, lo, 0
+            else:  # texts without words only: decoded at once
+                self._finish(job.runtime, [_Taken(job, plan, lo, None)])
+        window = job.plan.windows[job.cursor]
+        job.cursor += 1
+        return window
+
+    def _run(self, taken: list[_Taken], active: deque[_Job]) -> None:
+        """One runtime call per model over the taken windows; then the plans they completed are decoded."""
+        for runtime, group in _by_runtime(taken):
+            start = time.perf_counter()
+            self._run_group(runtime, group)
+            self._report(BatchStats(len(group), len({id(t.job) for t in group}), time.perf_counter() - start))
+            completed, seen = [], set()
+            for t in group:
+                if not t.job.failed and t.plan.remaining == 0 and id(t.plan) not in seen:
+                    seen.add(id(t.plan))
+                    completed.append(t)
+            if completed:
+                self._finish(runtime, completed)
+        for job in {id(t.job): t.job for t in taken}.values():
+            if job.done:
+                self._complete(job)
+            if job.failed or job.future.done():
+                _discard(active, job)
+
+    def _run_group(self, runtime: Any, group: list[_Taken]) -> None:
+        """Emissions into each window's plan; if the call fails, each request's windows again alone."""
         try:
-            predictions = runtime.predict(item.texts)
-        except Exception as exc:  # noqa: BLE001
-            item.future.set_exception(exc)
+            outputs = runtime.run_windows([t.window for t in group])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, not swallowed
+            jobs = {id(t.job): t.job for t in group}
+            if len(jobs) == 1:
+                self._fail(group[0].job, exc)
+                return
+            log.warning("batch of %d requests failed (%s); retrying each alone", len(jobs), exc)
+            for job in jobs.values():
+                self._run_group(runtime, [t for t in group if t.job is job])
             return
-        self._report(BatchStats(len(item.texts), 1, time.perf_counter() - start))
-        item.future.set_result(Batched(predictions, runtime.model_version))
+        for t, output in zip(group, outputs):
+            t.plan.put(t.window, output)
+
+    def _finish(self, runtime: Any, completed: list[_Taken]) -> None:
+        """Decode the completed plans together; a failure is retried plan by plan and fails only its request."""
+        try:
+            outs = runtime.finish([t.plan for t in completed])
+        except Exception as exc:  # noqa: BLE001
+            if len(completed) == 1:
+                self._fail(completed[0].job, exc)
+                return
+            for t in completed:
+                self._finish(runtime, [t])
+            return
+        for t, predictions in zip(completed, outs):
+            t.job.results[t.lo:t.lo + len(predictions)] = predictions
+            t.job.open_plans -= 1
+
+    def _complete(self, job: _Job) -> None:
+        self._large = self._large or job.windows > self.max_batch_size
+        if not job.future.done():
+            job.future.set_result(Batched(job.results, job.runtime.model_version if job.runtime else
+                                          self.runtime.model_version))
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        job.failed = True
+        self._large = self._large or job.windows > self.max_batch_size
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _idle(self) -> None:
+        """Idle after a large request, with nothing in flight in the server: give memory back (``on_idle``)."""
+        self._release_due = False
+        if self._large and self.on_idle is not None:
+            self._large = False
+            try:
+                self.on_idle(self.runtime)
+            except Exception:  # noqa: BLE001 - releasing memory must never stop the worker
+                log.exception("on_idle callback failed")
 
     def _report(self, stats: BatchStats) -> None:
         if self.on_batch is None:
@@ -216,3 +409,42 @@ class MicroBatcher:
             self.on_batch(stats)
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             log.exception("on_batch callback failed")
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """One window handed out: its request, its plan, the plan's first text in the request, the window."""
+
+    job: _Job
+    plan: Any
+    lo: int
+    window: Any
+
+
+#: A request's texts are planned (words, sub-tokens, windows) in chunks of about this many characters: planning a
+#: 100k-character text takes a quarter of a second on the worker thread, so long texts are planned one at a time.
+CHUNK_CHARS = 10_000
+
+
+def _chunk(texts: list[str], lo: int, max_texts: int) -> list[str]:
+    """The next texts to plan from ``lo``: at most ``max_texts``, stopping after ``CHUNK_CHARS`` characters."""
+    hi, chars = lo, 0
+    while hi < len(texts) and hi - lo < max_texts and chars < CHUNK_CHARS:
+        chars += len(texts[hi])
+        hi += 1
+    return texts[lo:hi]
+
+
+def _by_runtime(taken: list[_Taken]) -> list[tuple[Any, list[_Taken]]]:
+    """The taken windows grouped by the runtime of their request (two only while a reload is under way)."""
+    groups: dict[int, tuple[Any, list[_Taken]]] = {}
+    for t in taken:
+        groups.setdefault(id(t.job.runtime), (t.job.runtime, []))[1].append(t)
+    return list(groups.values())
+
+
+def _discard(active: deque[_Job], job: _Job) -> None:
+    try:
+        active.remove(job)
+    except ValueError:
+        pass

@@ -57,7 +57,8 @@ class Metrics:
                                 ["method", "route", "status"], registry=r)
         self.latency = Histogram("ner_http_request_duration_seconds", "HTTP request latency, first byte in to "
                                  "last byte out", ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_texts = Histogram("ner_batch_size_texts", "texts per runtime call (micro-batch size)",
+        self.batch_texts = Histogram("ner_batch_size_texts", "windows per runtime call (micro-batch size; a text is "
+                                     "one window unless it is longer than the encoder takes)",
                                      buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("ner_batch_size_requests", "requests grouped into one runtime call",
                                         buckets=BATCH_BUCKETS, registry=r)

@@ -16,9 +16,11 @@ class Settings:
 
     model_dir: Path = Path("models/onnx")
     api_key: str | None = None
-    max_texts: int = 256            # texts per request
+    max_texts: int = 256            # texts per request (/v1/ner)
+    max_predict_tasks: int = 10_000  # tasks per /predict: Label Studio sends a whole "Retrieve predictions" selection
     max_chars: int = 100_000        # characters per text (long texts are windowed)
     max_body_bytes: int = 10 << 20  # request body
+    max_predict_body_bytes: int = 64 << 20  # /predict's body (full task dicts, annotations included)
     max_config_chars: int = 262_144  # a label config in /predict or /setup
     max_batch_size: int = 64        # texts per runtime call (micro-batch)
     max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
@@ -31,6 +33,7 @@ class Settings:
     reload_interval_s: float = 2.0  # how often the model folder is checked for a change (0: SIGHUP and /setup only)
 
     ENV = {"model_dir": "NER_MODEL_DIR", "api_key": API_KEY_ENV, "max_texts": "NER_MAX_TEXTS",
+           "max_predict_tasks": "NER_MAX_PREDICT_TASKS", "max_predict_body_bytes": "NER_MAX_PREDICT_BODY_BYTES",
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
            "max_config_chars": "NER_MAX_CONFIG_CHARS",
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
@@ -39,7 +42,7 @@ class Settings:
            "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL", "reload_interval_s": "NER_RELOAD_INTERVAL_S"}
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
+        for name in ("max_texts", "max_predict_tasks", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({self.ENV[name]}) must be at least 1, got {getattr(self, name)}")
 

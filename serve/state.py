@@ -20,14 +20,16 @@ from fastapi import HTTPException, Request
 from pipeline.core.errors import LabelConfigMismatch, ModelLoadError
 from pipeline.labelstudio.labelconfig import LabelConfig, check_labels
 from pipeline.loop.job import JobStatus
-from pipeline.runtime.inference import CRF_FILE, INFO_FILE, NerRuntime
+from pipeline.runtime.inference import CRF_FILE, INFO_FILE
 from serve.batching import Batched, MicroBatcher
 from serve.errors import printable
 from serve.labels import LabelConfigs, utf8_or_422
+from serve.memory import release_memory
 from serve.observability import Metrics
 from serve.reload import ModelReloader
 from serve.settings import Settings
 from serve.training import TrainingManager, Webhook
+from serve.windows import ServingRuntime
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ class ServiceState:
         runtime = load_runtime(settings.model_dir, settings)
         self.metrics.set_model(runtime.model_version)
         self.batcher = MicroBatcher(runtime, max_batch_size=settings.max_batch_size,
-                                    max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.observe_batch)
+                                    max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.observe_batch,
+                                    on_idle=release_memory)
         self.reloader = ModelReloader(settings.model_dir, self.load, self.batcher,
                                       on_reload=self.metrics.observe_reload)
         self.label_configs = LabelConfigs(settings.max_config_chars)
@@ -97,19 +100,30 @@ class ServiceState:
         self.metrics.observe_job(job.decision or "failed", (job.finished_at or job.started_at) - job.started_at,
                                  served_f1.get("dev_f1"))
 
-    def load(self, model_dir: Path) -> NerRuntime:
+    def load(self, model_dir: Path) -> ServingRuntime:
         return load_runtime(model_dir, self.settings)
 
     @property
-    def runtime(self) -> NerRuntime:
+    def runtime(self) -> ServingRuntime:
         """The runtime serving now (a reload swaps it between batches)."""
         return self.batcher.runtime
 
     def check_texts(self, texts: list[str], names: list[str] | None = None) -> None:
-        """Count and length limits (413) and valid Unicode (422); ``names[i]`` names text i in the error."""
+        """``/v1/ner``'s limits: count and length (413), valid Unicode (422); ``names[i]`` names text i."""
         if len(texts) > self.settings.max_texts:
-            raise HTTPException(status_code=413,
-                                detail=f"{len(texts)} texts; at most {self.settings.max_texts} per request")
+            raise HTTPException(status_code=413, detail=f"{len(texts)} texts; at most {self.settings.max_texts} "
+                                                        f"per request ({Settings.ENV['max_texts']})")
+        self._check_each(texts, names)
+
+    def check_tasks(self, texts: list[str], names: list[str]) -> None:
+        """``/predict``'s limits: Label Studio sends a whole selection in one call, so the count is larger."""
+        cap = self.settings.max_predict_tasks
+        if len(texts) > cap:
+            raise HTTPException(status_code=413, detail=f"{len(texts)} tasks; at most {cap} per /predict "
+                                                        f"({Settings.ENV['max_predict_tasks']}): select fewer")
+        self._check_each(texts, names)
+
+    def _check_each(self, texts: list[str], names: list[str] | None) -> None:
         for i, text in enumerate(texts):
             name = names[i] if names else f"text {i}"
             if len(text) > self.settings.max_chars:
@@ -170,14 +184,14 @@ def task_texts(tasks: list[dict[str, Any]], data_key: str) -> tuple[list[str], l
     return texts, names
 
 
-def load_runtime(model_dir: Path, settings: Settings) -> NerRuntime:
+def load_runtime(model_dir: Path, settings: Settings) -> ServingRuntime:
     """The model folder loaded and warmed up; any refusal is a :class:`ModelLoadError` naming the folder and why."""
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist ({Settings.ENV['model_dir']}, --model-dir); "
                              "run the export stage first")
     try:
-        runtime = NerRuntime(model_dir, quantized=settings.quantized, threads=settings.ort_threads(),
-                             batch_size=max(1, settings.onnx_batch_size))
+        runtime = ServingRuntime(model_dir, quantized=settings.quantized, threads=settings.ort_threads(),
+                                 batch_size=max(1, settings.onnx_batch_size))
         runtime.predict(["warm up"])  # the first ONNX run builds kernels, and shows a graph that does not run
     except ModelLoadError:
         raise

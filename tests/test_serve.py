@@ -18,13 +18,17 @@ pytestmark = pytest.mark.slow
 API_KEY = "test-serving-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_BODY = 1_000_000
+MAX_PREDICT_TASKS = 3_000
+MAX_PREDICT_BODY = 2_000_000
 
 
 @pytest.fixture(scope="module")
 def svc(forced_onnx, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with ServiceProcess(forced_onnx, log,
-                        env={"NER_API_KEY": API_KEY, "NER_MAX_BODY_BYTES": str(MAX_BODY)}) as proc:
+                        env={"NER_API_KEY": API_KEY, "NER_MAX_BODY_BYTES": str(MAX_BODY),
+                             "NER_MAX_PREDICT_TASKS": str(MAX_PREDICT_TASKS),
+                             "NER_MAX_PREDICT_BODY_BYTES": str(MAX_PREDICT_BODY)}) as proc:
         yield proc
 
 
@@ -77,6 +81,37 @@ def test_label_studio_predict_protocol(service, pipeline_run):
     # after /setup the project's config is remembered: Label Studio may leave label_config out
     again = service.post("/predict", json={"tasks": tasks, "project": "3.1700000001"})
     assert again.status_code == 200 and again.json() == response.json()
+
+
+def test_predict_takes_a_whole_label_studio_selection_beyond_the_per_request_limits_of_v1_ner(service):
+    """Label Studio's "Retrieve predictions" sends every selected task in one /predict: more tasks than /v1/ner's
+    NER_MAX_TEXTS (256) and a body larger than NER_MAX_BODY_BYTES; its own caps answer a clear 413."""
+    config = (ROOT / "data" / "labelstudio" / "label_config.xml").read_text()
+    tasks = [{"id": i, "data": {"text": f"Task {i}: Barack Obama visited Paris"}, "annotations": [],
+              "predictions": [], "meta": {}, "project": 1, "pad": "x" * 300} for i in range(MAX_PREDICT_TASKS)]
+    body = json.dumps({"tasks": tasks, "project": "1.1700000000", "label_config": config}).encode()
+    assert MAX_BODY < len(body) < MAX_PREDICT_BODY
+    response = service.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text[:300]
+    results = response.json()["results"]
+    assert len(results) == len(tasks)
+    for task, result in zip(tasks[:: 500], results[:: 500]):  # in task order, offsets into each task's own text
+        for region in result["result"]:
+            assert task["data"]["text"][region["value"]["start"]:region["value"]["end"]] == region["value"]["text"]
+    assert results[7] == service.post("/predict", json={"tasks": [tasks[7]], "label_config": config}).json()[
+        "results"][0]
+
+    too_many = service.post("/predict", json={"tasks": [{"data": {"text": "x"}}] * (MAX_PREDICT_TASKS + 1),
+                                              "label_config": config})
+    assert too_many.status_code == 413
+    assert too_many.json()["detail"] == (f"{MAX_PREDICT_TASKS + 1} tasks; at most {MAX_PREDICT_TASKS} per /predict "
+                                         "(NER_MAX_PREDICT_TASKS): select fewer")
+    too_big = json.dumps({"tasks": [{"data": {"text": "x" * 1000}}] * 2100, "label_config": config}).encode()
+    assert len(too_big) > MAX_PREDICT_BODY
+    assert service.post("/predict", content=too_big, headers={"content-type": "application/json"}).status_code == 413
+    # /v1/ner keeps its limits
+    assert service.post("/v1/ner", json={"texts": ["x"] * 257}).status_code == 413
+    assert service.post("/v1/ner", content=body, headers={"content-type": "application/json"}).status_code == 413
 
 
 def test_label_config_without_our_labels_is_a_clear_4xx(service):

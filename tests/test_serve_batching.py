@@ -52,10 +52,10 @@ def test_requests_that_wait_during_a_batch_form_one_batch_and_get_their_own_resu
     assert first.result(30).predictions == ["v1:A"]
     for i, future in enumerate(waiting):
         assert future.result(30).predictions == [f"v1:T{i}", f"v1:U{i}"]
-    assert runtime.calls == [["a"], ["t0", "u0", "t1", "u1", "t2", "u2"]]
+    assert runtime.calls == [["a"], ["t0", "t1", "t2", "u0", "u1", "u2"]]  # round-robin: one text each in turn
 
 
-def test_batches_never_exceed_max_batch_size_and_keep_arrival_order(held):
+def test_batches_never_exceed_max_batch_size_and_take_the_requests_in_turn(held):
     runtime, batcher = held
     batcher.submit_nowait(["x"])
     assert runtime.entered.wait(30)
@@ -63,16 +63,17 @@ def test_batches_never_exceed_max_batch_size_and_keep_arrival_order(held):
     runtime.release.set()
     results = [f.result(30).predictions for f in futures]
     assert results == [[f"v1:{i}A", f"v1:{i}B", f"v1:{i}C"] for i in range(5)]
-    assert [len(c) for c in runtime.calls[1:]] == [6, 6, 3]
-    assert max(len(c) for c in runtime.calls) <= 8
+    assert runtime.calls[1:] == [["0a", "1a", "2a", "3a", "4a", "0b", "1b", "2b"],
+                                 ["3b", "4b", "0c", "1c", "2c", "3c", "4c"]]
 
 
-def test_a_request_larger_than_the_batch_runs_alone():
+def test_a_request_larger_than_the_batch_runs_in_several_calls_and_gets_its_results_in_order():
     runtime = FakeRuntime()
     with ThreadPoolExecutor(1) as pool:
         batcher = MicroBatcher(runtime, max_batch_size=2, max_wait_ms=0)
         assert pool.submit(batcher.predict, list("abcde")).result(30).predictions == [f"v1:{c.upper()}" for c in "abcde"]
         batcher.close()
+    assert runtime.calls == [["a", "b"], ["c", "d"], ["e"]]
 
 
 def test_a_failing_request_gets_the_error_and_its_batch_neighbours_still_succeed(held):
@@ -194,3 +195,20 @@ def test_reloader_swaps_only_when_the_folder_changed_and_keeps_the_old_model_on_
     assert not outcome.reloaded and "cannot load" in outcome.error
     assert holder.runtime.model_version == "v2"  # still serving the last good model
     assert [r.reloaded for r in results] == [True, False]
+
+
+def test_a_short_request_sent_while_a_long_one_runs_completes_first(held):
+    """Round-robin over requests: the short one waits for one window of the long one per turn, not for all."""
+    runtime, batcher = held
+    batcher.max_batch_size = 4
+    done: list[str] = []
+    long = batcher.submit_nowait([f"w{i}" for i in range(40)])  # ten runtime calls of its own
+    long.add_done_callback(lambda _: done.append("long"))
+    assert runtime.entered.wait(30)  # the long request's first call is running
+    short = batcher.submit_nowait(["tweet"])
+    short.add_done_callback(lambda _: done.append("short"))
+    runtime.release.set()
+    assert long.result(30).predictions == [f"v1:W{i}" for i in range(40)]
+    assert short.result(30).predictions == ["v1:TWEET"]
+    assert done == ["short", "long"]
+    assert runtime.calls[1] == ["w4", "tweet", "w5", "w6"]  # the very next call takes the short one in

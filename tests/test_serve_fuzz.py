@@ -22,7 +22,7 @@ def fuzz_svc(pipeline_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-fuzz") / "serve.log"
     # small limits, so that generated inputs also reach the 413 paths
     env = {"NER_API_KEY": API_KEY, "NER_MAX_TEXTS": "8", "NER_MAX_CHARS": "2000", "NER_MAX_BODY_BYTES": "65536",
-           "NER_MAX_WAIT_MS": "1"}
+           "NER_MAX_PREDICT_TASKS": "16", "NER_MAX_PREDICT_BODY_BYTES": "131072", "NER_MAX_WAIT_MS": "1"}
     # the labelling loop on, in a folder of its own: a fuzzed START_TRAINING starts a real job there, which
     # fails at once (no Label Studio in the environment) and leaves the service as it was
     workspace = log.parent / "workspace"

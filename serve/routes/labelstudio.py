@@ -30,7 +30,8 @@ def setup(body: SetupRequest, state: State) -> dict[str, str]:
 
 
 @router.post("/predict", response_model=PredictResponse,
-             responses={413: {"description": "too many tasks, a text or the label config too long"}})
+             responses={413: {"description": "too many tasks (NER_MAX_PREDICT_TASKS), a text or the label "
+                                             "config too long"}})
 async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
     """Label Studio ML backend: one prediction per task, regions named after the label config."""
     if body.label_config:
@@ -41,6 +42,12 @@ async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
             raise HTTPException(status_code=422, detail="no label_config in the request and no /setup for project")
     state.labels_or_422(config)
     texts, names = task_texts(body.tasks, config.data_key)
-    state.check_texts(texts, names)
-    out = await state.run(texts)
-    return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
+    state.check_tasks(texts, names)
+    out = await state.run(texts)  # the batcher plans a chunk at a time and interleaves it with other requests
+    convert = lambda: [to_ls_prediction(p, config, out.model_version) for p in out.predictions]  # noqa: E731
+    results = convert() if len(texts) <= SMALL else await run_in_threadpool(convert)
+    return {"results": results}
+
+
+#: Up to this many tasks the results are built on the event loop; more (a bulk "Retrieve predictions") in a thread.
+SMALL = 64
