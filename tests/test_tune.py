@@ -170,3 +170,32 @@ def test_a_resumed_study_refuses_a_space_that_changes_a_keys_kind(tmp_path):
         open_study(setup)
     params["tune"]["space"] = {"lr_head": {"low": 1e-3, "high": 5e-2, "log": True}}  # a new range is fine
     assert len(open_study(StudySetup(tmp_path, TuneConfig.from_params(params), params["train"], "x", ())).trials) == 1
+
+
+def test_the_report_marks_the_best_gives_its_apply_command_and_draws_the_plots(tmp_path):
+    from pipeline.core.config import TuneConfig
+    from pipeline.tuning.report import write_plots, write_report
+    from pipeline.tuning.study import import_optuna
+
+    optuna = import_optuna()
+    study = optuna.create_study(direction="maximize")
+    rate = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    for number, (value, curve, state) in enumerate([(0.5, [0.3, 0.5], "COMPLETE"), (0.6, [0.4, 0.6], "COMPLETE"),
+                                                    (None, [0.1], "PRUNED")]):
+        trial = study.ask({"lr_encoder": rate})
+        trial.set_user_attr("experiment", f"tune-{number}")
+        for epoch, f1 in enumerate(curve, 1):
+            trial.report(f1, epoch)
+        study.tell(trial, value, state=getattr(optuna.trial.TrialState, state))
+    conf = TuneConfig.from_params({"train": {"lr_encoder": 5e-5}, "tune": {"space": {
+        "lr_encoder": {"low": 1e-5, "high": 1e-3, "log": True}}}})
+    data = write_report(study, conf, tmp_path / "tune.md", tmp_path / "tune.json")
+    assert data["apply"] == "dvc exp apply tune-1" and data["best"]["number"] == 1
+    assert [t["dev_f1"] for t in data["trials"]] == [0.5, 0.6, None]  # a pruned trial has no final score
+    rows = [line for line in (tmp_path / "tune.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[3].startswith("| **1 (best)** | complete | **0.6000** | 0.400 0.600 |")
+    assert rows[4].startswith("| 2 | pruned | — | 0.100 |") and rows[4].endswith("| — |")
+    assert json.loads((tmp_path / "tune.json").read_text()) == data
+    written = write_plots(study, tmp_path / "plots")
+    assert [p.name for p in written] == ["optimization_history.png", "param_importances.png",
+                                         "parallel_coordinate.png", "intermediate_values.png"]

@@ -17,6 +17,8 @@ from pipeline.core.atomic import atomic_open, write_json
 log = logging.getLogger(__name__)
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+#: Axis labels in the study's terms where Optuna's are generic (x, y; None keeps Optuna's).
+AXES = {"optimization_history": ("trial", "best dev F1"), "intermediate_values": ("epoch", "dev F1")}
 
 
 def best_trial(study: Any) -> Any | None:
@@ -35,8 +37,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         minutes = (t.datetime_complete - t.datetime_start).total_seconds() / 60 if t.datetime_complete else None
         rows.append({
             "number": t.number, "state": t.state.name, "best": best is not None and t.number == best.number,
-            "params": t.params, "dev_f1": t.value, "dev_f1_per_epoch": [t.intermediate_values[k] for k in sorted(
-                t.intermediate_values)],
+            "params": t.params, "dev_f1": t.value if t.state.name == "COMPLETE" else None,  # not a pruned one's last
+            "dev_f1_per_epoch": [t.intermediate_values[k] for k in sorted(t.intermediate_values)],
             "experiment": t.user_attrs.get("experiment") if t.state.name == "COMPLETE" else None,
             "commit": t.user_attrs.get("commit"), "minutes": round(minutes, 2) if minutes is not None else None,
             "error": t.user_attrs.get("error")})
@@ -113,6 +115,9 @@ def write_plots(study: Any, folder: str | Path) -> list[Path]:
             log.info("plot %s skipped: %s", name, exc)
             continue
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        for axis, label in zip(("x", "y"), AXES.get(name, ())):
+            if label:
+                getattr(figure.axes[0], f"set_{axis}label")(label)
         figure.set_size_inches(max(figure.get_size_inches()[0], 9), 5.5)
         figure.tight_layout()
         path = Path(folder) / f"{name}.png"
