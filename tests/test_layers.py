@@ -44,6 +44,15 @@ def test_layer_imports_stay_inside_its_boundary(folder):
     assert not violations(folder)
 
 
+def test_ray_is_imported_only_by_the_ray_engine_and_only_when_it_runs():
+    """Ray is an extra (``pip install ".[scale]"``): nothing else may need it, and importing the engine may not."""
+    engine = ROOT / "pipeline" / "labelstudio" / "preannotate_ray.py"
+    users = sorted(str(p.relative_to(ROOT)) for folder in ("pipeline", "serve") for p in (ROOT / folder).rglob("*.py")
+                   if any(m == "ray" or m.startswith("ray.") for m in runtime_imports(p)))
+    assert users == [str(engine.relative_to(ROOT))]
+    assert not any(m == "ray" or m.startswith("ray.") for m in runtime_imports(engine, top_level_only=True))
+
+
 def test_every_module_of_the_package_sits_in_a_layer():
     loose = sorted(p.name for p in (ROOT / "pipeline").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert not loose, f"modules outside a layer folder: {loose}"

@@ -16,7 +16,7 @@ import pytest
 from pipeline.core.config import PushConfig
 from pipeline.core.errors import LabelConfigMismatch, PipelineError
 from pipeline.labelstudio.labelconfig import read_label_config
-from pipeline.labelstudio.push import push
+from pipeline.labelstudio.push import batches, json_bytes, push
 from pipeline.labelstudio.shards import Predictions, ShardWriter
 from tests.conftest import ROOT
 
@@ -145,3 +145,14 @@ def test_push_stage_reads_the_folder_or_a_single_file(tmp_path, monkeypatch):
         stage.main({"paths": {"predictions": str(folder)}, "push": {"project": 1}})
     with pytest.raises(PipelineError, match="not found"):
         stage.main({"paths": {"predictions": str(tmp_path / "nope")}, "push": {"project": 1}})
+
+
+def test_requests_stay_under_push_max_request_mb():
+    """Label Studio refuses a body over DATA_UPLOAD_MAX_MEMORY_SIZE: push cuts batches by bytes as well as count."""
+    tasks = [{"id": i, "data": {"text": "x" * n}} for i, n in enumerate([10, 10, 500, 10, 10, 10])]
+    ids = lambda runs: [[t["id"] for t in run] for run in runs]  # noqa: E731
+    assert ids(batches(tasks, 3)) == [[0, 1, 2], [3, 4, 5]]
+    assert ids(batches(tasks, 3, 600)) == [[0, 1], [2, 3], [4, 5]]
+    assert ids(batches(tasks, 3, 100)) == [[0, 1], [2], [3, 4], [5]]  # one task over the limit goes alone
+    assert json_bytes({"text": "東京"}) == len('{"text": "\\u6771\\u4eac"}')  # escaped: the most a client sends
+    assert PushConfig().max_request_mb == 100

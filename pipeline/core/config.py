@@ -93,6 +93,15 @@ class ExportConfig(SectionConfig):
     threads: NonNegativeInt = 0  # ORT intra-op threads for the parity and int8 checks (0: one per physical core)
 
 
+class PredictRayConfig(BaseModel):
+    """``predict.ray``: the Ray engine's actors (README: pre-annotating a large project)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actors: NonNegativeInt = 0  # ONNX Runtime sessions side by side, one per actor (0: as many as the CPUs allow)
+    cpus_per_actor: PositiveInt = 1  # Ray CPUs each actor reserves, and its ORT intra-op threads
+
+
 class PredictConfig(SectionConfig):
     section: ClassVar[str] = "predict"
 
@@ -104,7 +113,12 @@ class PredictConfig(SectionConfig):
     model_version: str = ""  # "": derived from the exported model's hash
     uncertainty: Literal["sequence", "min_entity", "entropy"] = "sequence"  # the score Label Studio sorts by
     shard_size: PositiveInt = 10000  # tasks per output file (part-00000.json, ...): the unit of resume
-    engine: Literal["local"] = "local"  # one process, streamed (a Ray engine for clusters is planned: issue 20)
+    engine: Literal["local", "ray"] = "local"  # local: this process; ray: Ray Data actors (same shards, byte for byte)
+    ray: PredictRayConfig = PredictRayConfig()
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that shape the shards (the resume key): not the engine, whose output is the same."""
+        return self.model_dump(exclude={"engine", "ray"})
 
 
 class PushConfig(SectionConfig):
@@ -115,6 +129,7 @@ class PushConfig(SectionConfig):
     match: Literal["text", "id"] = "text"
     label_map: dict[str, str] = {}
     batch_size: PositiveInt = 100
+    max_request_mb: float = Field(100.0, gt=0)  # JSON per request at most (Label Studio refuses 250 MB by default)
     retries: NonNegativeInt = 5
     backoff: float = Field(0.5, ge=0)
 

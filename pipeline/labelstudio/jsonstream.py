@@ -144,7 +144,18 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
     of the opening ``[``; with ``stop``, it ends before the item starting at
     that byte, and raises ``RangeMismatch`` if no item starts exactly there.
     """
-    path = Path(path)
+    for _, item in _array_items(Path(path), chunk_size, max_item_chars, start, stop, offsets=False):
+        yield item
+
+
+def iter_json_array_at(path: str | Path, *, start: int | None = None,
+                       stop: int | None = None) -> Iterator[tuple[int, Any]]:
+    """``iter_json_array`` with each item's first byte: ``(offset, item)``, to read a range of it again later."""
+    return _array_items(Path(path), 1 << 20, 64 << 20, start, stop, offsets=True)
+
+
+def _array_items(path: Path, chunk_size: int, max_item_chars: int, start: int | None, stop: int | None,
+                 offsets: bool) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     buf = _Buffer(path, chunk_size, start or 0)
     try:
@@ -174,15 +185,14 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20, max_item_chars:
                     raise buf.error("trailing comma before ']'")
                 buf.pos += 1
                 break
-            if stop is not None:
-                here = buf.byte_offset(buf.pos)
-                if here >= stop:
-                    if here != stop:
-                        raise RangeMismatch(f"no item starts at byte {stop}")
-                    return
+            here = buf.byte_offset(buf.pos) if offsets or stop is not None else -1
+            if stop is not None and here >= stop:
+                if here != stop:
+                    raise RangeMismatch(f"no item starts at byte {stop}")
+                return
             item, buf.pos = _decode_item(buf, decoder, max_item_chars)
             state = "after_item"
-            yield item
+            yield here, item
         if stop is not None:
             raise RangeMismatch(f"the list ended before byte {stop}")
         if buf.skip_whitespace() is not None:
@@ -208,30 +218,43 @@ def _decode_item(buf: _Buffer, decoder: json.JSONDecoder, max_item_chars: int) -
 
 def iter_json_lines(path: str | Path) -> Iterator[Any]:
     """Yield the value on each non-blank line of a JSON Lines file (gzip too); errors name the line."""
+    for _, item in iter_json_lines_at(path):
+        yield item
+
+
+def iter_json_lines_at(path: str | Path, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+    """``(offset of the line, value)`` for each non-blank line; ``start``/``stop`` read the lines that begin in
+    that byte range (``start`` a line's first byte). Errors name the line, or its byte when reading from
+    ``start`` (line numbers before it are unknown)."""
     path = Path(path)
     decoder = json.JSONDecoder()
-    offset = 0
+    offset = start
     with open_export(path) as fh:
+        fh.seek(start)
         for number, raw in enumerate(fh, 1):
+            if stop is not None and offset >= stop:
+                return
+            where = f"line {number}" if not start else f"the line at byte {offset}"
             try:
-                line = raw.decode("utf-8").lstrip("\ufeff" if number == 1 else "").strip()
+                line = raw.decode("utf-8").lstrip("\ufeff" if offset == 0 else "").strip()
             except UnicodeDecodeError as exc:
-                raise FileEncodingError(f"{path}: line {number} {not_utf8(exc, offset + exc.start)}") from None
-            offset += len(raw)
-            if not line:
-                continue
-            try:
-                item, end = decoder.raw_decode(line)
-            except json.JSONDecodeError as exc:
-                raise ConversionError(f"{path}: not valid JSON at line {number}, column {exc.colno}: {exc.msg}"
-                                      ) from None
-            except RecursionError:
-                raise ConversionError(f"{path}: line {number} nests lists or objects too deeply to decode"
-                                      ) from None
-            if end != len(line):
-                raise ConversionError(f"{path}: line {number}, column {end + 1}: more than one JSON value on the "
-                                      "line (JSON Lines holds one task per line)")
-            yield item
+                raise FileEncodingError(f"{path}: {where} {not_utf8(exc, offset + exc.start)}") from None
+            here, offset = offset, offset + len(raw)
+            if line:
+                yield here, _line_value(decoder, line, path, where)
+
+
+def _line_value(decoder: json.JSONDecoder, line: str, path: Path, where: str) -> Any:
+    try:
+        item, end = decoder.raw_decode(line)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON at {where}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: {where} nests lists or objects too deeply to decode") from None
+    if end != len(line):
+        raise ConversionError(f"{path}: {where}, column {end + 1}: more than one JSON value on the "
+                              "line (JSON Lines holds one task per line)")
+    return item
 
 
 def first_item_start(path: str | Path) -> int | None:

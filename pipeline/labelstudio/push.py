@@ -100,9 +100,29 @@ def map_labels(tasks: Iterable[dict[str, Any]], label_map: dict[str, str]) -> It
         yield {**task, "predictions": preds}
 
 
-def batches(tasks: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    it = iter(tasks)
-    while batch := list(islice(it, size)):
+def json_bytes(value: Any) -> int:
+    """Bytes of ``value`` as JSON with every non-ASCII character escaped: the most a client sends for it."""
+    return len(json.dumps(value))
+
+
+def batches(tasks: Iterable[dict[str, Any]], size: int, max_bytes: int | None = None,
+            weigh: Any = json_bytes) -> Iterator[list[dict[str, Any]]]:
+    """Runs of at most ``size`` tasks whose ``weigh``-ed JSON stays within ``max_bytes`` (a task heavier than
+    that goes alone: Label Studio says whether it takes it)."""
+    if max_bytes is None:
+        it = iter(tasks)
+        while batch := list(islice(it, size)):
+            yield batch
+        return
+    batch, used = [], 0
+    for task in tasks:
+        weight = weigh(task)
+        if batch and (len(batch) >= size or used + weight > max_bytes):
+            yield batch
+            batch, used = [], 0
+        batch.append(task)
+        used += weight
+    if batch:
         yield batch
 
 
@@ -143,6 +163,7 @@ def push(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, A
     """
     options = options or PushConfig()
     match, batch_size = options.match, options.batch_size
+    max_bytes = int(options.max_request_mb * 1_000_000)
     if iter(tasks) is tasks:  # a generator: cannot be read twice
         tasks = list(tasks)
     total = len(tasks) if isinstance(tasks, (list, tuple)) else getattr(tasks, "total", None)
@@ -156,9 +177,9 @@ def push(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, A
     record = PushRecord(state_path, project_id, client.url)
     summary = PushSummary()
     if options.mode == "import":
-        _import(client, project_id, tasks, key_of, record, summary, batch_size, total)
+        _import(client, project_id, tasks, key_of, record, summary, (batch_size, max_bytes), total)
     else:
-        _attach(client, project_id, tasks, key_of, record, summary, batch_size, match, total)
+        _attach(client, project_id, tasks, key_of, record, summary, (batch_size, max_bytes), match, total)
     log.info("push to project %d: %d tasks matched, %d predictions created, %d skipped as already present, "
              "%d duplicates of an earlier task in the file, %d failed", project_id, summary.matched,
              summary.created, summary.skipped_existing, summary.duplicates, len(summary.failed))
@@ -168,7 +189,7 @@ def push(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, A
 
 
 def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]], key_of: Any,
-            record: PushRecord, summary: PushSummary, batch_size: int, match: str, total: int | None) -> None:
+            record: PushRecord, summary: PushSummary, limits: tuple[int, int], match: str, total: int | None) -> None:
     """Each prediction goes to every project task with its key: two tasks with the same text both get it."""
     targets: dict[str, list[int]] = defaultdict(list)
     for task in client.iter_tasks(project_id):
@@ -176,7 +197,8 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str
     existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
     handled: set[tuple[int, str]] = set()  # (project task, model version) dealt with in this push
     with tqdm(total=total, desc="push", unit="task", mininterval=2.0) as bar:
-        for chunk in batches(tasks, batch_size):
+        # a request carries the task's predictions, not its data
+        for chunk in batches(tasks, *limits, weigh=lambda t: json_bytes(t.get("predictions", []))):
             batch, keys = [], []
             for task in chunk:
                 key = key_of(task)
@@ -207,12 +229,12 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str
 
 
 def _import(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]], key_of: Any,
-            record: PushRecord, summary: PushSummary, batch_size: int, total: int | None) -> None:
+            record: PushRecord, summary: PushSummary, limits: tuple[int, int], total: int | None) -> None:
     """Create the file's tasks with their predictions; the n-th task of a text exists once the project has n."""
     present = Counter(key_of(t) for t in client.iter_tasks(project_id))
     seen: Counter = Counter()
     with tqdm(total=total, desc="import", unit="task", mininterval=2.0) as bar:
-        for batch in batches(tasks, batch_size):
+        for batch in batches(tasks, *limits, weigh=lambda t: json_bytes(_payload([t])[0])):
             bar.update(len(batch))
             todo = []
             for task in batch:

@@ -56,6 +56,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def task_line(task: dict[str, Any]) -> str:
+    """One task as a line of a shard (no raw newline: JSON escapes it)."""
+    return json.dumps(task, ensure_ascii=False)
+
+
 def check_output(out: str | Path) -> None:
     """Refuse an output path that is a file or a folder of other things: the finished folder replaces it."""
     out = Path(out)
@@ -127,11 +132,15 @@ class ShardWriter(AbstractContextManager):
 
     def add(self, task: dict[str, Any], entities: int = 0) -> None:
         """Append one task to the open shard; a full shard is closed (renamed into place) and recorded."""
+        self.add_json(task_line(task), entities)
+
+    def add_json(self, line: str, entities: int = 0) -> None:
+        """``add`` for a task already written as ``task_line`` (e.g. by a Ray worker)."""
         if self._fh is None:
             self._file = atomic_open(self.work / shard_name(len(self.shards)), "wb")
             self._fh = self._file.__enter__()
             self._hash = hashlib.sha256()
-        self._write((b"[\n" if self._tasks == 0 else b",\n") + json.dumps(task, ensure_ascii=False).encode("utf-8"))
+        self._write((b"[\n" if self._tasks == 0 else b",\n") + line.encode("utf-8"))
         self._tasks += 1
         self._entities += entities
         if self._tasks == self.shard_size:

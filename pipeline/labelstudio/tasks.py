@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConversionError, TaskError
-from pipeline.labelstudio.jsonstream import iter_json_array, iter_json_lines
+from pipeline.labelstudio.jsonstream import iter_json_array, iter_json_array_at, iter_json_lines, iter_json_lines_at
 from pipeline.labelstudio.report import ConvertReport
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -24,10 +24,27 @@ def iter_export(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: export file not found")
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
+    if is_json_lines(path):
         yield from iter_json_lines(path)
     else:
         yield from iter_json_array(path)
+
+
+def is_json_lines(path: str | Path) -> bool:
+    return Path(path).name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def iter_export_at(path: str | Path, start: int | None = None,
+                   stop: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, task)`` for the tasks of an export; with ``start``/``stop``, those whose first byte lies in
+    that range (``start`` an offset this gave before). Lets another process read its share of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: export file not found")
+    if is_json_lines(path):
+        yield from iter_json_lines_at(path, start=start or 0, stop=stop)
+    else:
+        yield from iter_json_array_at(path, start=start, stop=stop)
 
 
 def json_kind(value: Any) -> str:

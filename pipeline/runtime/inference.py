@@ -88,23 +88,42 @@ class EncodedWindow:
     word_index: list[int]
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What an exported model folder says about itself, read without loading the graph (a Ray driver that only
+    hands the folder to its workers needs no session of its own)."""
+
+    onnx_path: Path
+    info: dict[str, Any]
+    model_version: str
+    entity_types: list[str]
+
+    @classmethod
+    def read(cls, model_dir: str | Path, quantized: bool = False) -> ModelCard:
+        model_dir = Path(model_dir)
+        onnx_path = model_dir / (QUANTIZED_FILE if quantized else MODEL_FILE)
+        for path in (onnx_path, model_dir / CRF_FILE, model_dir / INFO_FILE):
+            if not path.is_file():
+                raise ModelLoadError(f"{path} not found; run the export stage first")
+        info = json.loads((model_dir / INFO_FILE).read_text())
+        return cls(onnx_path, info, info["model_version"] + ("-int8" if quantized else ""), info["entity_types"])
+
+
 class NerRuntime:
     """An exported model folder loaded for inference."""
 
     def __init__(self, model_dir: str | Path, *, quantized: bool = False, threads: int = 0,
                  max_tokens: int = 512, batch_size: int = 32) -> None:
         self.model_dir = Path(model_dir)
-        onnx_path = self.model_dir / (QUANTIZED_FILE if quantized else MODEL_FILE)
-        for path in (onnx_path, self.model_dir / CRF_FILE, self.model_dir / INFO_FILE):
-            if not path.is_file():
-                raise ModelLoadError(f"{path} not found; run the export stage first")
+        card = ModelCard.read(self.model_dir, quantized)
+        onnx_path = card.onnx_path
         crf = json.loads((self.model_dir / CRF_FILE).read_text())
         self.crf = CrfParams.from_dict(crf)
         self.tags: list[str] = crf["tags"]
         self._outside = self.tags.index("O") if "O" in self.tags else None
-        self.info: dict[str, Any] = json.loads((self.model_dir / INFO_FILE).read_text())
-        self.entity_types: list[str] = self.info["entity_types"]
-        self.model_version: str = self.info["model_version"] + ("-int8" if quantized else "")
+        self.info: dict[str, Any] = card.info
+        self.entity_types: list[str] = card.entity_types
+        self.model_version: str = card.model_version
         self.tokenizer, self.specials = load_tokenizer(self.model_dir)
         self.max_tokens = min(max_tokens, int(self.info.get("max_length", 512))) - 2
         self.window_overlap = float(self.info.get("window_overlap", DEFAULT_WINDOW_OVERLAP))  # as trained
