@@ -7,8 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
 
 from pipeline.labelstudio.regions import to_ls_prediction
+from serve.errors import SafeJSONResponse
 from serve.schemas import PredictRequest, PredictResponse, SetupRequest, SetupResponse
 from serve.state import ServiceState, project_key, service, task_texts
 
@@ -32,7 +34,7 @@ def setup(body: SetupRequest, state: State) -> dict[str, str]:
 @router.post("/predict", response_model=PredictResponse,
              responses={413: {"description": "too many tasks (NER_MAX_PREDICT_TASKS), a text or the label "
                                              "config too long"}})
-async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
+async def predict(body: PredictRequest, state: State) -> Any:
     """Label Studio ML backend: one prediction per task, regions named after the label config."""
     if body.label_config:
         config = await run_in_threadpool(state.label_configs.parse, body.label_config, "label_config")
@@ -44,10 +46,16 @@ async def predict(body: PredictRequest, state: State) -> dict[str, Any]:
     texts, names = task_texts(body.tasks, config.data_key)
     state.check_tasks(texts, names)
     out = await state.run(texts)  # the batcher plans a chunk at a time and interleaves it with other requests
-    convert = lambda: [to_ls_prediction(p, config, out.model_version) for p in out.predictions]  # noqa: E731
-    results = convert() if len(texts) <= SMALL else await run_in_threadpool(convert)
-    return {"results": results}
+    if len(texts) <= SMALL:
+        return {"results": [to_ls_prediction(p, config, out.model_version) for p in out.predictions]}
+    return await run_in_threadpool(_bulk_answer, out.predictions, config, out.model_version)
 
 
-#: Up to this many tasks the results are built on the event loop; more (a bulk "Retrieve predictions") in a thread.
+#: Up to this many tasks the answer is built on the event loop; a bulk "Retrieve predictions" (thousands of tasks)
+#: is converted and rendered to JSON in a worker thread, so other requests are not held up meanwhile.
 SMALL = 64
+
+
+def _bulk_answer(predictions: list[Any], config: Any, model_version: str) -> Response:
+    results = [to_ls_prediction(p, config, model_version) for p in predictions]
+    return SafeJSONResponse({"results": results})  # rendered here, in the thread; same body as the response model
