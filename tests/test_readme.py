@@ -63,6 +63,8 @@ NOT_HERE = {
     r"\.venv/bin/torchrun --standalone --nproc_per_node 4": "needs 4 GPUs",
     r"\.venv/bin/dvc exp run .*(/models/bert-base-c|bert-base-chinese)": "needs the user's BERT folder on disk",
     r"\.venv/bin/python benchmarks/": "benchmarks: minutes to an hour of quiet machine, not tests",
+    r"ray start |RAY_ADDRESS=HEAD_IP": "a Ray cluster of several machines (tests/test_predict_ray.py runs a local one)",
+    r'pip install "\.\[scale\]"': "make setup installs the scale extra (the Makefile), so make test has it",
 }
 
 
