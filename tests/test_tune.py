@@ -123,7 +123,7 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
     assert {"tune-0", "tune-1"} <= set(shown) and "tune-2" not in shown  # a pruned trial commits nothing
     assert "tune-2" not in run(["git", "for-each-ref", "refs/exps"], root, env).stdout
     assert run_cache_entries(root) == run_cache  # no run-cache entry that a later run could restore
-    assert not list((root / ".dvc" / "tmp" / "exps").glob("tmp*"))  # the stopped run's temp copy is gone
+    assert not list((root / ".dvc" / "tmp" / "exps").glob("standalone/tmp*"))  # the stopped run's copy is gone
     assert tracked_state(root, env) == before
     for name in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
         assert (root / "plots" / "tune" / f"{name}.png").stat().st_size > 1000, name

@@ -5,8 +5,8 @@
 ``--temp`` runs in a copy under ``.dvc/tmp/exps`` (the user's params.yaml, dvc.lock and models/ are never
 touched); the target ``train`` reproduces only convert (skipped when unchanged) and train. The tuner reads the
 line the train stage logs at each epoch end (``EPOCH_LINE``, the one the labelling loop reads too) and hands
-the dev F1 to ``on_epoch``; when that says stop, the experiment's process group gets SIGINT: the stage exits
-130 (DVC ignores SIGINT while a stage runs), DVC records nothing (no experiment ref, no dvc.lock, and the
+the dev F1 to ``on_epoch``; when that says stop, the processes DVC started for the stage get SIGKILL: DVC sees
+the stage fail, records nothing (no experiment ref, no dvc.lock, and the
 train stage never enters the run cache: its ``persist`` checkpoint folder rules that out) and removes its
 temp copy. So a pruned trial leaves no truncated model that ``dvc exp apply``, ``dvc repro`` or a later
 ``dvc exp run`` could pick up. Torch-free: training happens in the stage process DVC starts.
@@ -72,7 +72,7 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
         nonlocal stopped
         if not stopped:
             stopped = True
-            _signal_group(proc, signal.SIGINT)
+            _kill_stage(proc.pid)
             killer.start()
 
     try:
@@ -97,6 +97,27 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
         return None
     raise ExperimentError(f"dvc exp run {run.name} exited {proc.returncode}: " + " | ".join(
         t.strip() for t in list(tail)[-8:] if t.strip()))
+
+
+def _kill_stage(dvc_pid: int) -> None:
+    """SIGKILL the processes DVC started (the stage's shell and python): DVC sees the stage fail, records nothing
+    and removes its temp copy. (SIGINT is not enough: a stage saving or training may not stop for a minute.)"""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {dvc_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
