@@ -38,6 +38,8 @@ class FakeClient:
     def iter_tasks(self, project_id: int):
         yield from self.tasks
 
+    iter_task_data = iter_tasks
+
     def list_predictions(self, *, project_id: int | None = None, task_id: int | None = None):
         return list(self.predictions)
 

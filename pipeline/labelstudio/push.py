@@ -192,7 +192,7 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str
             record: PushRecord, summary: PushSummary, limits: tuple[int, int], match: str, total: int | None) -> None:
     """Each prediction goes to every project task with its key: two tasks with the same text both get it."""
     targets: dict[str, list[int]] = defaultdict(list)
-    for task in client.iter_tasks(project_id):
+    for task in client.iter_task_data(project_id):
         targets[key_of(task)].append(int(task["id"]))
     existing = {(int(p["task"]), p.get("model_version")) for p in client.list_predictions(project_id=project_id)}
     handled: set[tuple[int, str]] = set()  # (project task, model version) dealt with in this push
@@ -231,7 +231,7 @@ def _attach(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str
 def _import(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str, Any]], key_of: Any,
             record: PushRecord, summary: PushSummary, limits: tuple[int, int], total: int | None) -> None:
     """Create the file's tasks with their predictions; the n-th task of a text exists once the project has n."""
-    present = Counter(key_of(t) for t in client.iter_tasks(project_id))
+    present = Counter(key_of(t) for t in client.iter_task_data(project_id))
     seen: Counter = Counter()
     with tqdm(total=total, desc="import", unit="task", mininterval=2.0) as bar:
         for batch in batches(tasks, *limits, weigh=lambda t: json_bytes(_payload([t])[0])):
@@ -249,7 +249,7 @@ def _import(client: LabelStudioClient, project_id: int, tasks: Iterable[dict[str
                 client.import_tasks(project_id, _payload(todo))
             except LabelStudioError:
                 # the import may have arrived before the connection broke: look before sending again
-                now = Counter(key_of(t) for t in client.iter_tasks(project_id))
+                now = Counter(key_of(t) for t in client.iter_task_data(project_id))
                 arrived = now - present
                 rest = []
                 for task in todo:
