@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tune":
             from pipeline.stages import tune
 
-            tune.main(params, trials=args.trials, timeout=args.timeout)
+            tune.main(params, trials=args.trials, timeout=args.timeout, params_file=args.params)
         elif args.command == "push":
             from pipeline.stages import push
 

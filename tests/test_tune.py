@@ -172,6 +172,24 @@ def test_a_resumed_study_refuses_a_space_that_changes_a_keys_kind(tmp_path):
     assert len(open_study(StudySetup(tmp_path, TuneConfig.from_params(params), params["train"], "x", ())).trials) == 1
 
 
+def test_the_chinese_pipeline_tunes_its_own_train_stage_with_its_own_params(tmp_path):
+    """``--params pipelines/msra/params.yaml tune``: trials run pipelines/msra/dvc.yaml:train with keys set there."""
+    from pipeline.core.config import TuneConfig
+    from pipeline.tuning.study import StudySetup, import_optuna, open_study
+
+    root = Path(__file__).parents[1]
+    params = yaml.safe_load((root / "pipelines" / "msra" / "params.yaml").read_text())
+    params["tune"]["storage"] = str(tmp_path / "tune.db")
+    setup = StudySetup(root, TuneConfig.from_params(params), params["train"], params["paths"]["train_live"], (),
+                       params_file="pipelines/msra/params.yaml")
+    assert setup.target() == "pipelines/msra/dvc.yaml:train"
+    assert setup.key("lr_head") == "pipelines/msra/params.yaml:train.lr_head"
+    assert set(setup.distributions(import_optuna())) == set(params["tune"]["space"])  # every key a train key
+    assert open_study(setup).study_name == "tune-msra"
+    main_setup = StudySetup(root, TuneConfig.from_params(params), params["train"], "x", ())
+    assert (main_setup.target(), main_setup.key("lr_head")) == ("train", "train.lr_head")
+
+
 def test_the_report_marks_the_best_gives_its_apply_command_and_draws_the_plots(tmp_path):
     from pipeline.core.config import TuneConfig
     from pipeline.tuning.report import write_plots, write_report

@@ -19,7 +19,8 @@ from pipeline.tuning.study import StudySetup, run_study
 log = logging.getLogger(__name__)
 
 
-def main(params: dict[str, Any], trials: int | None = None, timeout: int | None = None) -> None:
+def main(params: dict[str, Any], trials: int | None = None, timeout: int | None = None,
+         params_file: str = "params.yaml") -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the running experiment stops with the tuner
     conf = TuneConfig.from_params(params)
     conf = conf.model_copy(update={k: v for k, v in (("trials", trials), ("timeout", timeout)) if v is not None})
@@ -28,7 +29,8 @@ def main(params: dict[str, Any], trials: int | None = None, timeout: int | None 
     if missing:
         raise ParamsError(f"paths.{missing[0]}: missing (tune writes and reads there)")
     setup = StudySetup(root, conf, dict(params["train"]), paths["train_live"],
-                       copy_paths=_ignored(root, paths["encoder"]))
+                       copy_paths=_ignored(root, paths["encoder"]),
+                       params_file=Path(params_file).resolve().relative_to(root.resolve()).as_posix())
 
     def report(study: Any) -> None:
         write_report(study, conf, paths["tune_report"], paths["tune_trials"])

@@ -55,6 +55,17 @@ class StudySetup:
     train_live: str                # paths.train_live: the experiment's dvclive/train/metrics.json
     copy_paths: tuple[str, ...]    # git-ignored inputs the temp workspace needs (the encoder folder)
     env: dict[str, str] | None = None
+    params_file: str = "params.yaml"  # relative to root; another one (pipelines/msra/params.yaml) tunes its own
+                                      # pipeline: the train stage of the dvc.yaml beside it, its keys set there
+
+    def target(self) -> str:
+        """The stage a trial runs: ``train`` of dvc.yaml, or of the dvc.yaml beside another params file."""
+        folder = Path(self.params_file).parent
+        return "train" if folder == Path(".") else f"{(folder / 'dvc.yaml').as_posix()}:train"
+
+    def key(self, name: str) -> str:
+        """The ``-S`` key of train param ``name``: ``train.lr_head`` or ``pipelines/msra/params.yaml:train.lr_head``."""
+        return f"train.{name}" if self.params_file == "params.yaml" else f"{self.params_file}:train.{name}"
 
     def distributions(self, optuna: Any) -> dict[str, Any]:
         return {k: distribution(optuna, d, self.train[k]) for k, d in self.config.space.items()}
@@ -210,8 +221,8 @@ class Objective:
                      ", pruned" if stop else "")
             return stop
 
-        run = TrialRun(setup.root, name, {f"train.{k}": override(v) for k, v in values.items()},
-                       copy_paths=setup.copy_paths, env=setup.env)
+        run = TrialRun(setup.root, name, {setup.key(k): override(v) for k, v in values.items()},
+                       copy_paths=setup.copy_paths, targets=(setup.target(),), env=setup.env)
         try:
             commit = run_trial(run, on_epoch)
         except ExperimentError as exc:
