@@ -53,6 +53,8 @@ COVERED = {
     r"\.venv/bin/python -m pipeline promote": "tests/test_loop_registry.py::test_promote_command_registers_lists_and_rolls_back",
     r"\.venv/bin/python -m pipeline tune|\.venv/bin/dvc exp (show --sort-by|apply tune-)":
         "tests/test_tune.py::test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_workspace",
+    r"\.venv/bin/python -m pipeline --params pipelines/msra/params.yaml tune":
+        "tests/test_tune.py::test_the_chinese_pipeline_tunes_its_own_train_stage_with_its_own_params",
     r"\.venv/bin/python -m serve --port 9090$":
         "tests/test_loop.py::test_start_training_promotes_a_better_candidate_and_rejects_a_corrupted_one",
 }
