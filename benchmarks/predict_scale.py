@@ -167,9 +167,10 @@ def projection(results: dict, ray_cpus: int) -> dict:
     """A 1M-task run on N machines from the measured Ray rate per worker (assumptions in the JSON)."""
     out = {}
     for precision, by_size in results.items():
-        largest = by_size[max(by_size, key=int)]
-        if "ray" not in largest:
+        with_ray = [size for size, rows in by_size.items() if "ray" in rows]
+        if not with_ray:
             continue
+        largest = by_size[max(with_ray, key=int)]  # the streaming-only sizes have no Ray row
         per_worker = largest["ray"]["tasks_per_s"] / ray_cpus
         out[precision] = {"per_worker_tasks_per_s": round(per_worker, 1), "hours_for_1m_tasks": {
             f"{n}_machines_x_{cores}_cores": round(1e6 / (per_worker * n * cores) / 3600, 2)
