@@ -115,12 +115,15 @@ def drawn_regions(page, server, project: int, task: int, elements: int) -> list[
     """
     from playwright.sync_api import expect
 
-    page.goto(f"{server.url}/projects/{project}/data?task={task}")
     highlights = page.locator(".htx-highlight")
-    try:  # wait until the regions are drawn (``elements`` highlight elements expected)
-        expect(highlights).to_have_count(elements, timeout=TIMEOUT_MS)
-    except AssertionError:
-        pass  # the caller's comparison shows what is there instead
+    for attempt in range(2):  # once more when the page came up empty (seen once in a full CI run, never alone)
+        page.goto(f"{server.url}/projects/{project}/data?task={task}")
+        try:  # wait until the regions are drawn (``elements`` highlight elements expected)
+            expect(highlights).to_have_count(elements, timeout=TIMEOUT_MS)
+            break
+        except AssertionError:
+            if highlights.count():
+                break  # something else is drawn: the caller's comparison shows what is there instead
     drawn = highlights.evaluate_all("""els => els.map(e => [
         e.textContent,
         [...e.classList].find(c => c.startsWith('htx-highlight-')) || '',
