@@ -116,7 +116,7 @@ def drawn_regions(page, server, project: int, task: int, elements: int) -> list[
     from playwright.sync_api import expect
 
     highlights = page.locator(".htx-highlight")
-    for attempt in range(2):  # once more when the page came up empty (seen once in a full CI run, never alone)
+    for _ in range(2):  # once more when the page came up empty (seen once in a full CI run, never alone)
         page.goto(f"{server.url}/projects/{project}/data?task={task}")
         try:  # wait until the regions are drawn (``elements`` highlight elements expected)
             expect(highlights).to_have_count(elements, timeout=TIMEOUT_MS)

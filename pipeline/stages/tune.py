@@ -28,9 +28,13 @@ def main(params: dict[str, Any], trials: int | None = None, timeout: int | None 
     missing = [k for k in ("tune_report", "tune_trials", "tune_plots", "train_live", "encoder") if k not in paths]
     if missing:
         raise ParamsError(f"paths.{missing[0]}: missing (tune writes and reads there)")
+    params_path = Path(params_file).resolve()
+    if not params_path.is_relative_to(root.resolve()):
+        raise ParamsError(f"{params_file}: tune runs DVC experiments of this project, so its params file must be "
+                          f"inside {root}")
     setup = StudySetup(root, conf, dict(params["train"]), paths["train_live"],
                        copy_paths=_ignored(root, paths["encoder"]),
-                       params_file=Path(params_file).resolve().relative_to(root.resolve()).as_posix())
+                       params_file=params_path.relative_to(root.resolve()).as_posix())
 
     def report(study: Any) -> None:
         write_report(study, conf, paths["tune_report"], paths["tune_trials"])
