@@ -170,6 +170,10 @@ def test_import_mode_creates_tasks_with_predictions_once(label_studio):
 
 #: Predictions of the restart test: ``NER_PUSH_TASKS=20000`` is the issue's size (see the test's docstring).
 PUSH_TASKS = int(os.environ.get("NER_PUSH_TASKS", "3000"))
+#: Predictions per request: 20 at 3,000 (150 requests, many batches to interrupt); about 100 requests at any
+#: larger size, since Label Studio's cost per import request grows with the project (20k at 20 per request,
+#: 1,000 requests, outran a 900 s limit).
+PUSH_BATCH = max(20, PUSH_TASKS // 100)
 
 
 def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio, tmp_path):
@@ -191,7 +195,7 @@ def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio,
         shards.finish({"model_version": version})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"].update(predictions="data/predictions", push_state="state/push.jsonl")
-    params["push"].update(project=project, retries=2, backoff=0.2, batch_size=20)
+    params["push"].update(project=project, retries=2, backoff=0.2, batch_size=PUSH_BATCH)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key)
 
@@ -215,7 +219,7 @@ def test_push_interrupted_by_a_server_stop_resumes_to_exactly_once(label_studio,
     assert len(recorded) <= done_before
 
     again = subprocess.run([sys.executable, "-m", "pipeline", "push"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=900 * max(1, PUSH_TASKS // 3000))
     assert again.returncode == 0, again.stderr
     predictions = client.list_predictions(project_id=project)
     per_task = Counter(p["task"] for p in predictions if p["model_version"] == version)
