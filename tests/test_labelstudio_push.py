@@ -170,9 +170,9 @@ def test_import_mode_creates_tasks_with_predictions_once(label_studio):
 
 #: Predictions of the restart test: ``NER_PUSH_TASKS=20000`` is the issue's size (see the test's docstring).
 PUSH_TASKS = int(os.environ.get("NER_PUSH_TASKS", "3000"))
-#: Predictions per request: 20 at 3,000 (150 requests, many batches to interrupt); about 100 requests at any
-#: larger size, since Label Studio's cost per import request grows with the project (20k at 20 per request,
-#: 1,000 requests, outran a 900 s limit).
+#: Predictions per request: about 100 requests at any size (30 at the default 3,000, many batches to interrupt),
+#: never under 20; Label Studio's cost per import request grows with the project (20k at 20 per request, 1,000
+#: requests, outran a 900 s limit).
 PUSH_BATCH = max(20, PUSH_TASKS // 100)
 
 
