@@ -163,8 +163,8 @@ def measure(engines: list[str], size: int, precision: str, tmp: Path, ray_cpus: 
                      size / row["seconds"], row["peak_rss_mb"])
     rows: dict = {}
     for engine in engines:
-        rows[engine] = {"seconds": round(statistics.median(seconds[engine]), 2),
-                        "tasks_per_s": round(size / statistics.median(seconds[engine]), 1),
+        median = statistics.median(seconds[engine])
+        rows[engine] = {"seconds": round(median, 2), "tasks_per_s": round(size / median, 1),
                         "runs_tasks_per_s": [round(size / s, 1) for s in seconds[engine]],
                         "peak_rss_mb": round(peaks[engine], 1)}
     rows["same_tasks_and_predictions"] = same
