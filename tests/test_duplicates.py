@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.labelstudio import duplicates
 from pipeline.labelstudio.duplicates import TaskRecords, report_duplicates
 from pipeline.labelstudio.report import ConvertReport
 
@@ -41,8 +43,9 @@ rows = st.lists(st.tuples(task_ids, st.sampled_from(["x", "y", "z w", "é"]),
 
 
 @settings(max_examples=300, deadline=None)
-@given(rows, st.integers(0, 40))
-def test_same_report_as_the_dict_walk_in_one_pass_or_joined_ranges(tmp_path_factory, rows, cut):
+@given(rows, st.integers(0, 40), st.sampled_from([1, 2, 3, 5, duplicates.BLOCK]))
+def test_same_report_as_the_dict_walk_in_one_pass_or_joined_ranges(tmp_path_factory, rows, cut, block):
+    """Also with blocks of a few records, so that groups and duplicates straddle the blocks' edges."""
     expected = ConvertReport()
     dict_walk(rows, expected)
     one, head, tail = TaskRecords(), TaskRecords(), TaskRecords()  # head and tail: two ranges side by side
@@ -54,7 +57,8 @@ def test_same_report_as_the_dict_walk_in_one_pass_or_joined_ranges(tmp_path_fact
     tail.dump(folder / "1.records")
     for records in (one, TaskRecords.join([folder / "0.records", folder / "1.records"])):
         got = ConvertReport()
-        report_duplicates(records, got)
+        with patch.object(duplicates, "BLOCK", block):
+            report_duplicates(records, got)
         assert got.spans == expected.spans
         assert got.counts == expected.counts
 
@@ -63,7 +67,7 @@ def test_a_million_records_stay_small():
     records = TaskRecords()
     for k in range(100_000):
         records.add(k, f"text {k % 1000}", ("O",))
-    size = len(records.ids) * 8 + len(records.digests) + len(records.tags) * 8
+    size = len(records.ids) * 8 + len(records.digests_hi) + len(records.digests_lo) + len(records.tags) * 8
     assert size == 32 * 100_000  # ~32 MB at a million tasks, where the tuples and dicts took several hundred
     report = ConvertReport()
     report_duplicates(records, report)

@@ -35,6 +35,7 @@ CONFIG_PATH = ROOT / "data" / "labelstudio" / "label_config.xml"
 CONFIG_XML = CONFIG_PATH.read_text(encoding="utf-8")
 API_KEY = "ui-test-backend-key"
 TIMEOUT_MS = 60_000  # shared 2-core machines: the labeling UI may take a while to render
+LOADS = 3  # loads of a task's page before "nothing is drawn" fails: the full suite saw an empty page twice
 
 FAMILY = "👨\u200d👩\u200d👧"   # ZWJ sequence: 5 code points, one grapheme
 ASTRONAUT = "🧑🏾\u200d🚀"      # skin tone inside a ZWJ sequence
@@ -116,14 +117,21 @@ def drawn_regions(page, server, project: int, task: int, elements: int) -> list[
     from playwright.sync_api import expect
 
     highlights = page.locator(".htx-highlight")
-    for _ in range(2):  # once more when the page came up empty (seen once in a full CI run, never alone)
-        page.goto(f"{server.url}/projects/{project}/data?task={task}")
+    url = f"{server.url}/projects/{project}/data?task={task}"
+    for _ in range(LOADS):
+        page.goto("about:blank")  # a fresh load of the app each time, not a navigation inside it
+        page.goto(url)
         try:  # wait until the regions are drawn (``elements`` highlight elements expected)
             expect(highlights).to_have_count(elements, timeout=TIMEOUT_MS)
             break
         except AssertionError:
             if highlights.count():
                 break  # something else is drawn: the caller's comparison shows what is there instead
+    else:
+        # the page came up empty every time (seen in two full CI runs, never alone): say what it showed
+        shown = page.locator("body").inner_text()[:1500]
+        pytest.fail(f"task {task}: the labeling UI drew no region in {LOADS} loads of {url} (now at {page.url}); "
+                    f"the page showed: {shown!r}\n{server.log_tail()}")
     drawn = highlights.evaluate_all("""els => els.map(e => [
         e.textContent,
         [...e.classList].find(c => c.startsWith('htx-highlight-')) || '',
