@@ -48,6 +48,14 @@ def tool_env(home: Path) -> dict[str, str]:
     return env
 
 
+def fresh_shell(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as a shell has it that never activated the virtualenv: its bin folder off PATH (``make test``
+    puts it there), for commands the README shows as ``.venv/bin/python -m ...``."""
+    venv = os.path.realpath(VENV_BIN)
+    path = [part for part in env.get("PATH", "").split(os.pathsep) if part and os.path.realpath(part) != venv]
+    return {**env, "PATH": os.pathsep.join(path or ["/usr/bin", "/bin"])}
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -139,7 +139,7 @@ def test_start_training_promotes_a_better_candidate_and_rejects_a_corrupted_one(
     unlabeled = templated_tasks(6, seed=2, annotated=False)
     ls.projects.import_tasks(id=project.id, request=templated_tasks(240, seed=1, annotated=True) + unlabeled)
     env = {"NER_API_KEY": API_KEY, "LABEL_STUDIO_URL": label_studio.url,
-           "LABEL_STUDIO_API_KEY": label_studio.api_key, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+           "LABEL_STUDIO_API_KEY": label_studio.api_key, "PATH": "/usr/bin:/bin",  # a shell without the venv
            "HOME": str(tmp_path), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@e", "DVC_NO_ANALYTICS": "1"}
     service = ServiceProcess(loop_project / "models" / "onnx", tmp_path / "serve.log", env=env, cwd=loop_project)

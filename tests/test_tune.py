@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from tests.conftest import run
+from tests.conftest import fresh_shell, run
 from tests.test_dvc_experiments import experiments
 from tests.test_loop import templated_tasks
 
@@ -62,8 +62,10 @@ def project(pipeline_run, tmp_path_factory) -> Path:
 
 
 def tune(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "tune", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
+    """``.venv/bin/python -m pipeline tune`` from a shell without the virtualenv on PATH, as the README shows it
+    (the trials' stages must still run under the virtualenv's python)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "tune", *args], cwd=root, env=fresh_shell(env),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

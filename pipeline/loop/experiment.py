@@ -6,13 +6,15 @@ copying the snapshot in. The experiment is a git ref: ``dvc exp show`` lists it 
 ``dvc exp apply NAME`` brings it into the workspace. Its outputs (the exported model, the CoNLL split, the
 predictions) live in the DVC cache and are read back with ``dvc get . PATH --rev SHA``.
 
-DVC runs as ``python -m dvc`` of this interpreter, so no PATH is needed. Torch-free: training happens in the
-stage processes DVC starts.
+DVC runs as ``python -m dvc`` of this interpreter, and this interpreter's folder goes first on its PATH so that
+the stages' ``python`` is this one too (:func:`dvc_env`). Torch-free: training happens in the stage processes
+DVC starts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +39,20 @@ def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def dvc_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``dvc`` process: ``env`` (None: this process's) with this interpreter's folder
+    first on PATH.
+
+    DVC starts a stage's ``cmd`` (``python -m pipeline train``) with the ``python`` that PATH finds, and a
+    ``--temp`` workspace has no ``.venv`` of its own for ``pipeline.core.interpreter`` to fall back to: without
+    this, ``.venv/bin/python -m pipeline tune`` or ``.venv/bin/python -m serve`` started from a shell without
+    the virtualenv on PATH would train with the system interpreter (and stop, as it lacks torch).
+    """
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join(part for part in (str(Path(sys.executable).parent), env.get("PATH")) if part)
+    return env
+
+
 def run_experiment(root: str | Path, name: str, overrides: dict[str, Any], copy_paths: Iterable[str] = (),
                    on_line: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> str:
     """Run the pipeline as experiment ``name`` in a temp workspace; return the experiment's commit.
@@ -50,7 +66,7 @@ def run_experiment(root: str | Path, name: str, overrides: dict[str, Any], copy_
     for path in copy_paths:
         cmd += ["-C", str(path)]
     tail: list[str] = []
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(cmd, cwd=root, env=dvc_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace") as proc:
         assert proc.stdout is not None  # noqa: S101 - set by stdout=PIPE
         for line in proc.stdout:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.loop.experiment import EPOCH_LINE, ExperimentError, dvc, experiment_commit
+from pipeline.loop.experiment import EPOCH_LINE, ExperimentError, dvc, dvc_env, experiment_commit
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
         raise ExperimentError(f"experiment {run.name} exists already (from a study of the same name whose storage "
                               f"is gone?): dvc exp remove {run.name}, or choose another tune.study")
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen(run.command(), cwd=run.root, env=run.env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(run.command(), cwd=run.root, env=dvc_env(run.env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     killer = threading.Timer(STOP_GRACE_S, _signal_group, (proc, signal.SIGKILL))
     stopped = False
