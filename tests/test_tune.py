@@ -10,6 +10,7 @@ files stay as they were, nothing enters DVC's run cache, and the best trial appl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -101,6 +102,12 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
         assert len(trial["dev_f1_per_epoch"]) == 3
     learned = min(t["dev_f1_per_epoch"][0] for t in report["trials"])
     assert learned > 0.3, report["trials"]  # the templated data is learned within one epoch
+    # what the pruner judged at each epoch: the best dev F1 so far (the objective), not the epoch's own
+    import optuna
+    study = optuna.load_study(study_name=report["study"], storage=f"sqlite:///{root / 'reports' / 'tune.db'}")
+    for trial in study.trials:
+        reported = [trial.intermediate_values[epoch] for epoch in sorted(trial.intermediate_values)]
+        assert reported == list(itertools.accumulate(trial.user_attrs["dev_f1_per_epoch"], max))
     table = run(["dvc", "exp", "show", "--sort-by", "dvclive/train/metrics.json:best_dev_f1", "--sort-order", "desc",
                  "--only-changed", "--md"], root, env).stdout  # as the README shows it
     assert "tune-0" in table and "tune-1" in table and "best_dev_f1" in table

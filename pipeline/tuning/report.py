@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 #: Axis labels in the study's terms where Optuna's are generic (x, y; None keeps Optuna's).
-AXES = {"optimization_history": ("trial", "best dev F1"), "intermediate_values": ("epoch", "dev F1")}
+AXES = {"optimization_history": ("trial", "best dev F1"), "intermediate_values": ("epoch", "best dev F1 so far")}
 
 
 def best_trial(study: Any) -> Any | None:
@@ -38,7 +38,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({
             "number": t.number, "state": t.state.name, "best": best is not None and t.number == best.number,
             "params": t.params, "dev_f1": t.value if t.state.name == "COMPLETE" else None,  # not a pruned one's last
-            "dev_f1_per_epoch": [t.intermediate_values[k] for k in sorted(t.intermediate_values)],
+            "dev_f1_per_epoch": t.user_attrs.get("dev_f1_per_epoch",  # studies before it was kept: what they reported
+                                                 [t.intermediate_values[k] for k in sorted(t.intermediate_values)]),
             "experiment": t.user_attrs.get("experiment") if t.state.name == "COMPLETE" else None,
             "commit": t.user_attrs.get("commit"), "minutes": round(minutes, 2) if minutes is not None else None,
             "error": t.user_attrs.get("error")})
