@@ -45,7 +45,7 @@ def verdict(default: list[float], tuned: list[float]) -> dict[str, Any]:
     d, t = spread(default), spread(tuned)
     margin, noise = 100 * (t["mean"] - d["mean"]), 100 * (d["std"] + t["std"])
     return {"tuned_minus_default_points": margin, "spread_points": noise,
-            "tuned_better_beyond_spread": margin > noise and len(default) > 1}
+            "tuned_better_beyond_spread": bool(margin > noise and len(default) > 1)}
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
         for name, config in (("default", default), ("tuned", tuned)):
             with tempfile.TemporaryDirectory() as tmp:
                 metrics = run_crf(conll, encoder, config, seed, test, Path(tmp))
-            runs[name].append(metrics["f1"])
+            runs[name].append(float(metrics["f1"]))  # a numpy float would make the comparisons numpy bools
             log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
             write_json(args.out, report())
     result = report()
