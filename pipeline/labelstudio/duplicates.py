@@ -117,10 +117,10 @@ def _firsts(columns: list[np.ndarray]) -> np.ndarray:
     starts = np.zeros(n, dtype=bool)  # the sorted record begins a group
     starts[0] = True
     for lo in _blocks(n):
-        around = order[max(lo - 1, 0):lo + BLOCK]  # the block and the record before it
+        around = order[lo:lo + BLOCK + 1]  # the block and the record after it
         for column in columns:
             ordered = column[around]
-            starts[lo + (lo == 0):lo + BLOCK] |= ordered[1:] != ordered[:-1]
+            starts[lo + 1:lo + len(around)] |= ordered[1:] != ordered[:-1]
     heads = order[starts]  # each group's first position (the stable sort put it first)
     firsts = np.empty(n, dtype=index)
     groups_before = 0
@@ -173,20 +173,13 @@ def report_duplicates(records: TaskRecords, report: ConvertReport) -> None:
             report.counts[key] += int(np.count_nonzero(flags))
     for lo in _blocks(n):
         for pos in (lo + np.flatnonzero(repeated_id[lo:lo + BLOCK] | conflict[lo:lo + BLOCK])).tolist():
-            _list_duplicate(records, report, pos, digests, repeated_id, id_first, conflict, text_first)
-
-
-def _list_duplicate(records: TaskRecords, report: ConvertReport, pos: int, digests: list[np.ndarray],
-                    repeated_id: np.ndarray, id_first: np.ndarray, conflict: np.ndarray,
-                    text_first: np.ndarray) -> None:
-    """The report's entries for the record at ``pos``: a repeated id, a repeated text with other labels."""
-    task_id = records.task_id(pos)
-    if repeated_id[pos]:
-        earlier = int(id_first[pos])
-        same_text = all(half[earlier] == half[pos] for half in digests)
-        report.spans.append({"task_id": task_id, "action": "reported",
-                             "reason": "duplicate_id" if same_text else "duplicate_id_different_text",
-                             "duplicate_of": records.task_id(earlier)})
-    if conflict[pos]:
-        report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
-                             "duplicate_of": records.task_id(int(text_first[pos]))})
+            task_id = records.task_id(pos)
+            if repeated_id[pos]:
+                earlier = int(id_first[pos])
+                same_text = all(half[earlier] == half[pos] for half in digests)
+                report.spans.append({"task_id": task_id, "action": "reported",
+                                     "reason": "duplicate_id" if same_text else "duplicate_id_different_text",
+                                     "duplicate_of": records.task_id(earlier)})
+            if conflict[pos]:
+                report.spans.append({"task_id": task_id, "action": "reported", "reason": "duplicate_conflict",
+                                     "duplicate_of": records.task_id(int(text_first[pos]))})
