@@ -10,6 +10,10 @@ spread (the sum of the two standard deviations).
 
     .venv/bin/python benchmarks/tune_compare.py                 # after `make repro` and a study
     .venv/bin/python benchmarks/tune_compare.py --seeds 0 1 2 --tune reports/tune.json
+    .venv/bin/python benchmarks/tune_compare.py --seeds 0 1 2 --reuse benchmarks/results/tune_compare-seed0.json
+
+``--reuse`` takes the runs (setting and seed) that an earlier report of the same best trial (same params) holds
+instead of training them again; the report says which came from which file.
 """
 
 from __future__ import annotations
@@ -48,12 +52,28 @@ def verdict(default: list[float], tuned: list[float]) -> dict[str, Any]:
             "tuned_better_beyond_spread": bool(margin > noise and len(default) > 1)}
 
 
+def reused_runs(paths: list[Path], best: dict[str, Any]) -> dict[tuple[int, str], tuple[float, Path]]:
+    """(seed, "default" | "tuned") -> (test F1, file) from earlier reports of the same trial with the same params."""
+    out: dict[tuple[int, str], tuple[float, Path]] = {}
+    for path in paths:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier["study"]["trial"] != best["number"] or earlier["params"]["tuned"] != best["params"]:
+            raise SystemExit(f"{path}: compares trial {earlier['study']['trial']}, not the study's best "
+                             f"(trial {best['number']}): train its seeds again")
+        for name, result in earlier["test_f1"].items():
+            for seed, f1 in zip(earlier["seeds"], result["f1"]):  # a run cut short has fewer values than seeds
+                out[(seed, name)] = (f1, path)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tune", type=Path, default=ROOT / "reports" / "tune.json",
                         help="the study's report: its best trial's params are the tuned ones")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tune_compare.json")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="earlier reports of this script for the same trial: their seeds are not trained again")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -70,6 +90,7 @@ def main() -> None:
     tuned = replace(default, **study["best"]["params"])
     test = list(read_conll(conll / "test.conll"))
     runs: dict[str, list[float]] = {"default": [], "tuned": []}
+    reused = reused_runs(args.reuse, study["best"])
 
     def report() -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -80,6 +101,8 @@ def main() -> None:
                        "tuned": study["best"]["params"]},
             "test_f1": {name: spread(f1) for name, f1 in runs.items() if f1},
             "complete": all(len(f1) == len(args.seeds) for f1 in runs.values()),
+            "reused": {f"{name} seed {seed}": str(source) for (seed, name), (_, source) in reused.items()
+                       if seed in args.seeds},
         }
         if runs["default"] and runs["tuned"]:
             out.update(verdict(runs["default"], runs["tuned"]))
@@ -87,6 +110,10 @@ def main() -> None:
 
     for seed in args.seeds:  # both settings per seed, so a run cut short still compares like with like
         for name, config in (("default", default), ("tuned", tuned)):
+            if (seed, name) in reused:
+                runs[name].append(reused[seed, name][0])
+                log.info("%s seed %d: test F1 %.4f, from %s", name, seed, *reused[seed, name])
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 metrics = run_crf(conll, encoder, config, seed, test, Path(tmp))
             runs[name].append(float(metrics["f1"]))  # a numpy float would make the comparisons numpy bools

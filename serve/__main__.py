@@ -11,6 +11,7 @@ stops here with one line naming it and what is wrong (exit status 1).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -51,22 +52,29 @@ class ServerOptions:
     workers: int = 1
     forwarded_allow_ips: str = ""    # proxies whose X-Forwarded-For/-Proto are believed ("" : none, "*" : any)
     graceful_timeout_s: float = 10.0  # after SIGTERM, requests still running then are cut short (503)
+    event_loop: str = "auto"          # auto: uvloop where installed (the serve extra installs it), else asyncio
+    http: str = "auto"                # auto: httptools where installed (the serve extra installs it), else h11
 
     ENV = {"host": "NER_HOST", "port": "NER_PORT", "workers": "NER_WORKERS",
-           "forwarded_allow_ips": "NER_FORWARDED_ALLOW_IPS", "graceful_timeout_s": "NER_GRACEFUL_TIMEOUT_S"}
+           "forwarded_allow_ips": "NER_FORWARDED_ALLOW_IPS", "graceful_timeout_s": "NER_GRACEFUL_TIMEOUT_S",
+           "event_loop": "NER_EVENT_LOOP", "http": "NER_HTTP"}
     FLAG = {"host": "--host", "port": "--port", "workers": "--workers",
-            "forwarded_allow_ips": "--forwarded-allow-ips", "graceful_timeout_s": "--graceful-timeout"}
+            "forwarded_allow_ips": "--forwarded-allow-ips", "graceful_timeout_s": "--graceful-timeout",
+            "event_loop": "--event-loop", "http": "--http"}
     HELP = {"workers": "each worker loads the model and batches on its own",
             "forwarded_allow_ips": "comma-separated proxy addresses (or networks, or *) whose X-Forwarded-For "
                                    "is believed; default none: the access log shows the peer's address",
             "graceful_timeout_s": "seconds SIGTERM waits for running requests (and half-sent bodies) "
-                                  "before cutting them short with a 503"}
+                                  "before cutting them short with a 503",
+            "event_loop": "auto, asyncio or uvloop",
+            "http": "HTTP/1.1 parser: auto, h11 or httptools"}
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
         trusted = self.forwarded_allow_ips.strip()
         return {"host": self.host, "port": self.port, "workers": self.workers,
                 "proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None,
                 "timeout_graceful_shutdown": self.graceful_timeout_s,
+                "loop": self.event_loop, "http": self.http,
                 "access_log": False}  # serve.access writes one JSON line per request; uvicorn's would repeat it
 
 
@@ -84,9 +92,19 @@ def _checked(kind: Callable[[str], Any], env: str, minimum: float | None = None)
     return convert
 
 
+def _one_of(name: str, *choices: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(raw)
+        return raw
+    convert.__name__ = f"{name} ({', '.join(choices)})"
+    return convert
+
+
 SERVER_TYPES: dict[str, tuple[Callable[[str], Any], float | None]] = {
     "host": (str, None), "port": (int, 0), "workers": (int, 1), "forwarded_allow_ips": (str, None),
-    "graceful_timeout_s": (float, 0)}
+    "graceful_timeout_s": (float, 0), "event_loop": (_one_of("event loop", "auto", "asyncio", "uvloop"), None),
+    "http": (_one_of("HTTP parser", "auto", "h11", "httptools"), None)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +132,17 @@ def server_options(argv: list[str] | None = None) -> ServerOptions:
     return ServerOptions(**{f.name: getattr(args, f.name) for f in fields(ServerOptions)})
 
 
+def io_stack(options: ServerOptions) -> tuple[str, str]:
+    """The event loop and HTTP parser uvicorn will use; one named explicitly must be installed."""
+    chosen = []
+    for setting, fast, fallback in ((options.event_loop, "uvloop", "asyncio"), (options.http, "httptools", "h11")):
+        installed = importlib.util.find_spec(fast) is not None
+        if setting == fast and not installed:
+            raise SystemExit(f"serve: {fast} is not installed (pip install -e '.[serve]', or --event-loop/--http auto)")
+        chosen.append(fast if setting == "auto" and installed else fallback if setting == "auto" else setting)
+    return chosen[0], chosen[1]
+
+
 def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
     """Flags into the environment (the worker processes build the app from it), then the settings from it."""
     for flag, name in FLAGS.items():
@@ -136,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = app_settings(args, parser)
     options = ServerOptions(**{f.name: getattr(args, f.name) for f in fields(ServerOptions)})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    event_loop, http = io_stack(options)
+    log.info("event loop %s, HTTP parser %s", event_loop, http)
     if options.workers > 1 and settings.loop:  # each worker would run jobs of its own: two trainers at once
         log.warning("the labelling loop needs one worker; with --workers %d, Start Training does nothing "
                     "(run a one-worker service for training)", options.workers)
