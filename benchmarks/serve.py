@@ -33,7 +33,9 @@ import urllib.request
 from pathlib import Path
 
 # This script is named serve.py: keep its own folder off the import path, so `serve` is the service package.
+# The project root goes first instead: the load generator's ServiceProcess lives in tests/.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
