@@ -139,7 +139,9 @@ def io_stack(options: ServerOptions) -> tuple[str, str]:
         installed = importlib.util.find_spec(fast) is not None
         if setting == fast and not installed:
             raise SystemExit(f"serve: {fast} is not installed (pip install -e '.[serve]', or --event-loop/--http auto)")
-        chosen.append(fast if setting == "auto" and installed else fallback if setting == "auto" else setting)
+        if setting == "auto":
+            setting = fast if installed else fallback
+        chosen.append(setting)
     return chosen[0], chosen[1]
 
 
