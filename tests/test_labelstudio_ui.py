@@ -14,6 +14,7 @@ predictions Label Studio fetches itself from the service as its ML backend.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -108,34 +109,44 @@ def labeling_ui(label_studio):
             browser.close()
 
 
+def settled_highlights(page, highlights, elements: int) -> list[list[str]]:
+    """[text, region class, data-label] of every highlight element, read in one evaluation.
+
+    Polls until ``elements`` of them are drawn (or TIMEOUT_MS passes, then returns what is there). Count and
+    contents come from the same evaluation: the UI of an interactive backend may redraw a task right after
+    drawing it, and a count checked first, then read, once saw the regions gone in between (CI, stop 29).
+    """
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        drawn = highlights.evaluate_all("""els => els.map(e => [
+            e.textContent,
+            [...e.classList].find(c => c.startsWith('htx-highlight-')) || '',
+            e.getAttribute('data-label') || ''])""")
+        if len(drawn) == elements or time.monotonic() > deadline:
+            return drawn
+        page.wait_for_timeout(250)
+
+
 def drawn_regions(page, server, project: int, task: int, elements: int) -> list[tuple[tuple[str, ...], str]]:
     """(text of each highlight element, label) per region as the labeling UI draws a task, in document order.
 
     Each region is drawn as ``.htx-highlight`` elements (one per line it covers) that share a
     ``htx-highlight-<region id>`` class; the last of them carries ``data-label="<number>:<label>"``.
     """
-    from playwright.sync_api import expect
-
     highlights = page.locator(".htx-highlight")
     url = f"{server.url}/projects/{project}/data?task={task}"
+    drawn: list = []
     for _ in range(LOADS):
         page.goto("about:blank")  # a fresh load of the app each time, not a navigation inside it
         page.goto(url)
-        try:  # wait until the regions are drawn (``elements`` highlight elements expected)
-            expect(highlights).to_have_count(elements, timeout=TIMEOUT_MS)
-            break
-        except AssertionError:
-            if highlights.count():
-                break  # something else is drawn: the caller's comparison shows what is there instead
+        drawn = settled_highlights(page, highlights, elements)
+        if drawn:
+            break  # the expected count, or something else: the caller's comparison shows what is there
     else:
         # the page came up empty every time (seen in two full CI runs, never alone): say what it showed
         shown = page.locator("body").inner_text()[:1500]
         pytest.fail(f"task {task}: the labeling UI drew no region in {LOADS} loads of {url} (now at {page.url}); "
                     f"the page showed: {shown!r}\n{server.log_tail()}")
-    drawn = highlights.evaluate_all("""els => els.map(e => [
-        e.textContent,
-        [...e.classList].find(c => c.startsWith('htx-highlight-')) || '',
-        e.getAttribute('data-label') || ''])""")
     regions: dict[str, tuple[list[str], list[str]]] = {}
     for i, (text, region, label) in enumerate(drawn):
         parts, labels = regions.setdefault(region or f"element {i}", ([], []))
