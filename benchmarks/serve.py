@@ -6,7 +6,12 @@ with ``--max-batch-size 1`` (one request per ONNX run), each driven by 1, 8 and
 32 concurrent keep-alive clients that send one text per ``POST /v1/ner``
 request. Every level sends a fixed number of requests and stops early at a
 time cap. Reports requests/s, p50/p99 latency, errors, the server's mean batch
-size, and the ratios the issue sets as targets. The batched server runs as
+size, the CPU each request cost in the server's event loop, in its batcher and
+ONNX Runtime threads and in the load generator (Linux), and the ratios the
+issue sets as targets. The in-process runtime is measured again on calls the
+size the batched server formed (its mean batch at the top level): the server
+against that says what HTTP and hand-offs cost, that against the best
+in-process way says what the calls' make-up costs. The batched server runs as
 ``python -m serve`` does by default (asyncio + h11); the same server on
 uvloop + httptools (``--event-loop uvloop --http httptools``, both in the
 ``serve`` extra) is driven at the top concurrency level too, so the ratio
@@ -138,6 +143,38 @@ def scrape(url: str) -> dict[str, float]:
             if s.name in ("ner_batch_size_texts_sum", "ner_batch_size_texts_count")}
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid``, by thread id (Linux /proc; else empty)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_ms_per_request(pid: int, before: dict[int, float], after: dict[int, float], client_s: float,
+                       requests: int) -> dict[str, float] | None:
+    """Where the CPU goes, per answered request: the server's main thread (the event loop: HTTP, JSON,
+    pydantic, routing), its other threads (the batcher and ONNX Runtime's pool: tokenizing, the graph,
+    Viterbi), and this load generator."""
+    if not requests or not after:
+        return None
+    loop = after.get(pid, 0.0) - before.get(pid, 0.0)
+    rest = sum(v - before.get(tid, 0.0) for tid, v in after.items() if tid != pid)
+    return {"event_loop": round(1000 * loop / requests, 2),
+            "batcher_and_onnx_runtime": round(1000 * rest / requests, 2),
+            "load_generator": round(1000 * client_s / requests, 2)}
+
+
 def run_server(name: str, model_dir: str, env: dict[str, str], bodies: list[bytes], levels: list[int],
                requests: int, max_seconds: float, log_dir: Path, args: list[str] | None = None) -> dict:
     results = {}
@@ -145,15 +182,19 @@ def run_server(name: str, model_dir: str, env: dict[str, str], bodies: list[byte
         asyncio.run(load(svc.port, bodies, 8, 64, 60))  # warm-up: ORT kernels, connections, code paths
         for clients in levels:
             before = scrape(svc.url)
+            cpu_before, client_before = thread_cpu_seconds(svc.proc.pid), sum(os.times()[:2])
             res = asyncio.run(load(svc.port, bodies, clients, requests, max_seconds))
+            cpu_after, client_after = thread_cpu_seconds(svc.proc.pid), sum(os.times()[:2])
             after = scrape(svc.url)
+            res["cpu_ms_per_request"] = cpu_ms_per_request(svc.proc.pid, cpu_before, cpu_after,
+                                                           client_after - client_before, res["ok"])
             batches = after["ner_batch_size_texts_count"] - before["ner_batch_size_texts_count"]
             texts = after["ner_batch_size_texts_sum"] - before["ner_batch_size_texts_sum"]
             res["mean_batch_texts"] = round(texts / batches, 2) if batches else None
             results[str(clients)] = res
-            log.info("%-12s %2d clients: %7.1f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d  mean batch %s",
-                     name, clients, res["requests_per_s"], res["p50_ms"] or -1, res["p99_ms"] or -1,
-                     res["errors"], res["mean_batch_texts"])
+            log.info("%-12s %2d clients: %7.1f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d  mean batch %s  "
+                     "CPU ms per request %s", name, clients, res["requests_per_s"], res["p50_ms"] or -1,
+                     res["p99_ms"] or -1, res["errors"], res["mean_batch_texts"], res["cpu_ms_per_request"])
     return results
 
 
@@ -192,9 +233,9 @@ def main() -> None:
             args.onnx_batch_size, threads, args.max_batch_size),
     }
 
-    def measure_in_process(when: str) -> dict:
+    def measure_in_process(when: str, ways: dict[str, tuple[int, int, int]]) -> dict:
         out = {}
-        for name, (onnx_batch, n_threads, chunk) in contenders.items():
+        for name, (onnx_batch, n_threads, chunk) in ways.items():
             runtime = NerRuntime(model_dir, batch_size=onnx_batch, threads=n_threads, quantized=args.quantized)
             runtime.predict(texts[:64])
             best = min(_timed(lambda: [runtime.predict(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
@@ -203,7 +244,7 @@ def main() -> None:
             log.info("in-process (%s) %-40s %7.1f sentences/s", when, name, out[name]["sentences_per_s"])
         return out
 
-    before = measure_in_process("before")
+    before = measure_in_process("before", contenders)
     common = {"NER_QUANTIZED": "1" if args.quantized else "0"}
     top = str(max(args.clients))
     batching = {**common, "NER_MAX_BATCH_SIZE": str(args.max_batch_size), "NER_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -218,12 +259,23 @@ def main() -> None:
                                bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
 
     # ... and again after the servers: other tenants of a shared machine come and go; the best figure counts
-    after = measure_in_process("after")
+    after = measure_in_process("after", contenders)
     in_process = {name: max(before[name], after[name], key=lambda r: r["sentences_per_s"]) for name in contenders}
     reference = max(in_process, key=lambda k: in_process[k]["sentences_per_s"])
+    # The runtime on calls the size the batched server formed at the top level (its mean batch): a few random
+    # texts sorted by length only among themselves pad more than the reference's one sorted call. Server vs
+    # this one is what HTTP and hand-offs cost; this one vs the reference is what the calls' make-up costs.
+    call = max(1, round(batched[top]["mean_batch_texts"] or 1))
+    same_calls = f"chunks_of_{call}_onnx_batch_{args.onnx_batch_size}_threads_{threads}"
+    at_call_size = measure_in_process("at the server's call size", {
+        same_calls: (args.onnx_batch_size, threads, call)})[same_calls]
     ratios = {
         f"{top}_clients_vs_in_process": round(
             batched[top]["requests_per_s"] / in_process[reference]["sentences_per_s"], 2),
+        f"{top}_clients_vs_in_process_at_the_server_call_size": round(
+            batched[top]["requests_per_s"] / at_call_size["sentences_per_s"], 2),
+        "in_process_at_the_server_call_size_vs_reference": round(
+            at_call_size["sentences_per_s"] / in_process[reference]["sentences_per_s"], 2),
         f"{top}_clients_vs_no_batching": round(batched[top]["requests_per_s"] / unbatched[top]["requests_per_s"], 2),
         "in_process_vs_one_text_per_call_server": round(
             in_process[reference]["sentences_per_s"] / unbatched[top]["requests_per_s"], 2),
@@ -246,6 +298,7 @@ def main() -> None:
         "in_process": in_process,
         "in_process_before_and_after": {"before": before, "after": after},
         "in_process_reference": reference,
+        "in_process_at_the_server_call_size": {same_calls: at_call_size},
         "batched": batched,
         "batched_uvloop_httptools": fast_io,
         "no_batching": unbatched,
