@@ -52,8 +52,8 @@ class ServerOptions:
     workers: int = 1
     forwarded_allow_ips: str = ""    # proxies whose X-Forwarded-For/-Proto are believed ("" : none, "*" : any)
     graceful_timeout_s: float = 10.0  # after SIGTERM, requests still running then are cut short (503)
-    event_loop: str = "asyncio"       # or uvloop (the serve extra installs it), or auto: uvloop where installed
-    http: str = "h11"                 # or httptools (the serve extra installs it), or auto: httptools where installed
+    event_loop: str = "auto"          # uvloop where installed (the serve extra installs it), else asyncio
+    http: str = "auto"                # httptools where installed (the serve extra installs it), else h11
 
     ENV = {"host": "NER_HOST", "port": "NER_PORT", "workers": "NER_WORKERS",
            "forwarded_allow_ips": "NER_FORWARDED_ALLOW_IPS", "graceful_timeout_s": "NER_GRACEFUL_TIMEOUT_S",
@@ -66,8 +66,8 @@ class ServerOptions:
                                    "is believed; default none: the access log shows the peer's address",
             "graceful_timeout_s": "seconds SIGTERM waits for running requests (and half-sent bodies) "
                                   "before cutting them short with a 503",
-            "event_loop": "asyncio, uvloop or auto (uvloop where installed); uvloop measured no faster on 2 cores",
-            "http": "HTTP/1.1 parser: h11, httptools or auto (httptools where installed)"}
+            "event_loop": "auto (uvloop where installed, else asyncio), uvloop or asyncio",
+            "http": "HTTP/1.1 parser: auto (httptools where installed, else h11), httptools or h11"}
 
     def uvicorn_kwargs(self) -> dict[str, Any]:
         trusted = self.forwarded_allow_ips.strip()
