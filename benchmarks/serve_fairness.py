@@ -1,0 +1,116 @@
+"""Head-of-line blocking: one-tweet latency while a request with two 100k-character texts is served.
+
+In one run, against ``python -m serve`` with its defaults: one client sends
+one-tweet ``POST /v1/ner`` requests back to back, first on an idle service
+(the unloaded p50/p99), then while another connection's request with two
+100,000-character texts (thousands of encoder windows) is being answered.
+The batcher hands out one window per request per call, so the tweets should
+keep their latency; the issue's target is a loaded p99 within 2x the unloaded
+p99. Reports both latencies, their ratio, how long the long request took and
+how many tweets were answered meanwhile, with the CPU. Writes
+benchmarks/results/serve-fairness.json.
+
+    .venv/bin/python benchmarks/serve_fairness.py                    # after `make repro`
+    .venv/bin/python benchmarks/serve_fairness.py --quantized --tweets 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# The project root first: the service launcher lives in tests/, and `serve` must be the service package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.core.cpu import cpu_info  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
+from pipeline.labelstudio.tasks import iter_export, task_text  # noqa: E402
+from tests.service_process import ServiceProcess  # noqa: E402
+
+log = logging.getLogger("benchmarks.serve_fairness")
+TARGET_P99_RATIO = 2.0
+LONG = ("Barack Obama visited Paris and met Angela Merkel in Berlin. " * 1700)[:100_000]
+
+
+def tweet_latencies(client: httpx.Client, tweets: list[str], count: int, until: threading.Event | None = None
+                    ) -> list[float]:
+    """Seconds per one-tweet request, ``count`` of them back to back (or until ``until`` is set)."""
+    out = []
+    for i in range(count):
+        if until is not None and until.is_set():
+            break
+        start = time.perf_counter()
+        response = client.post("/v1/ner", json={"texts": [tweets[i % len(tweets)]]})
+        response.raise_for_status()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def summary(latencies: list[float]) -> dict[str, float | int]:
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "p50_ms": round(1000 * statistics.median(ordered), 1),
+            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-dir", help="default: paths.onnx_dir of params.yaml")
+    parser.add_argument("--quantized", action="store_true", help="serve model.int8.onnx")
+    parser.add_argument("--tweets", type=int, default=200, help="one-tweet requests on the idle service")
+    parser.add_argument("--out", default="benchmarks/results/serve-fairness.json")
+    args = parser.parse_args()
+    paths = load_params(args.params)["paths"]
+    model_dir = args.model_dir or paths["onnx_dir"]
+    tweets = [t for t in (task_text(task, "text") for task in iter_export(paths["export"])) if t.strip()][:1000]
+
+    env = {"NER_API_KEY": "", "NER_QUANTIZED": "1" if args.quantized else "0"}
+    with tempfile.TemporaryDirectory(prefix="serve-fairness-") as tmp, \
+            ServiceProcess(model_dir, Path(tmp) / "serve.log", env=env) as svc, \
+            httpx.Client(base_url=svc.url, timeout=600) as client:
+        tweet_latencies(client, tweets, 50)  # warm-up
+        idle = summary(tweet_latencies(client, tweets, args.tweets))
+        log.info("idle service: p50 %.1f ms, p99 %.1f ms", idle["p50_ms"], idle["p99_ms"])
+
+        done, long_result = threading.Event(), {}
+
+        def long_request() -> None:
+            start = time.perf_counter()
+            with httpx.Client(base_url=svc.url, timeout=600) as other:
+                response = other.post("/v1/ner", json={"texts": [LONG, LONG]})
+            long_result.update(status=response.status_code, seconds=round(time.perf_counter() - start, 2))
+            done.set()
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.5)  # the long request is planned and in the rotation
+        loaded = summary(tweet_latencies(client, tweets, 10**6, until=done))
+        worker.join()
+        log.info("beside two 100k-character texts (%s s): %d tweets, p50 %.1f ms, p99 %.1f ms",
+                 long_result["seconds"], loaded["requests"], loaded["p50_ms"], loaded["p99_ms"])
+
+    ratio = round(loaded["p99_ms"] / idle["p99_ms"], 2)
+    report = {"model_dir": str(model_dir), "quantized": args.quantized, "cpu_count": os.cpu_count(),
+              "cpu": cpu_info(), "idle": idle, "beside_two_100k_texts": loaded, "long_request": long_result,
+              "ratio_p99_beside_long_vs_idle": ratio, "target": TARGET_P99_RATIO,
+              "met": ratio <= TARGET_P99_RATIO and long_result["status"] == 200 and loaded["requests"] > 0}
+    log.info("p99 beside the long request / idle p99: %.2f (target <= %.1f)", ratio, TARGET_P99_RATIO)
+    write_json(args.out, report)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
