@@ -30,6 +30,7 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--model-dir": "model_dir",
     "--max-batch-size": "max_batch_size",
     "--max-wait-ms": "max_wait_ms",
+    "--max-batch-tokens": "max_batch_tokens",
     "--onnx-batch-size": "onnx_batch_size",
     "--max-texts": "max_texts",
     "--max-predict-tasks": "max_predict_tasks",

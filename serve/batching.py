@@ -3,10 +3,12 @@
 Each request puts its texts on a queue and waits on a future. One worker
 thread keeps a rotation of active requests. It plans a request's texts a chunk
 at a time (words, sub-tokens, encoder windows: ``runtime.plan``), then forms
-each runtime call from up to ``max_batch_size`` windows taken one per request
-in turn (round-robin), runs them together (``runtime.run_windows``: sorted by
-length into ONNX batches), and decodes the plans whose windows have all run
-(``runtime.finish``). A request with two 100k-character texts (thousands of
+each runtime call from up to ``max_batch_size`` windows (and ``max_batch_tokens``
+sub-tokens) taken one per request in turn (round-robin), runs them as the
+runtime's own ONNX runs (sorted by length, ``runtime.batch_size`` each), and
+after each run decodes the plans whose windows have all run
+(``runtime.finish``) and answers their requests: a tweet that shares a call
+with long windows does not wait for them. A request with two 100k-character texts (thousands of
 windows) thus takes one window per turn like everyone else: a one-tweet
 request sent meanwhile joins the very next call and is answered after it,
 not after all the long request's windows. Only the current chunk of a request
@@ -144,6 +146,7 @@ class MicroBatcher:
     """Runs the windows of concurrent ``submit`` calls in shared runtime calls, round-robin across requests."""
 
     def __init__(self, runtime: Any, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_batch_tokens: int = 0,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  arrivals: Callable[[], int] | None = None,
                  on_idle: Callable[[Any], None] | None = None) -> None:
@@ -153,6 +156,7 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
         self.runtime = runtime
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens  # sub-tokens per call (0: no bound); a call holds one window at least
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self.arrivals = arrivals
@@ -299,14 +303,22 @@ class MicroBatcher:
         """Up to ``max_batch_size`` windows, one per request in turn (round-robin): a short request waits for
         at most one window of each other request per turn, never for all of a long one's windows."""
         taken: list[_Taken] = []
+        tokens = 0
         while active and len(taken) < self.max_batch_size:
             job = active.popleft()
             window = self._next_window(job)
-            if window is not None:
-                taken.append(_Taken(job, job.plan, job.plan_lo, window))
-                active.append(job)
-            elif job.done:  # its last chunk held texts without words only: nothing left to run
-                self._complete(job)
+            if window is None:
+                if job.done:  # its last chunk held texts without words only: nothing left to run
+                    self._complete(job)
+                continue
+            cost = _window_tokens(job.runtime, window)
+            if taken and self.max_batch_tokens and tokens + cost > self.max_batch_tokens:
+                job.cursor -= 1  # the window waits for the next call, its request first in turn
+                active.appendleft(job)
+                break
+            tokens += cost
+            taken.append(_Taken(job, job.plan, job.plan_lo, window))
+            active.append(job)
         return taken
 
     def _next_window(self, job: _Job) -> Any:
@@ -337,20 +349,29 @@ class MicroBatcher:
         """One runtime call per model over the taken windows; then the plans they completed are decoded."""
         for runtime, group in _by_runtime(taken):
             start = time.perf_counter()
-            self._run_group(runtime, group)
+            for part in _onnx_runs(runtime, group):  # the shortest windows first, as the runtime would run them
+                self._run_group(runtime, part)
+                self._finish_completed(runtime, part)
             self._report(BatchStats(len(group), len({id(t.job) for t in group}), time.perf_counter() - start))
-            completed, seen = [], set()
-            for t in group:
-                if not t.job.failed and t.plan.remaining == 0 and id(t.plan) not in seen:
-                    seen.add(id(t.plan))
-                    completed.append(t)
-            if completed:
-                self._finish(runtime, completed)
         for job in {id(t.job): t.job for t in taken}.values():
             if job.done:
                 self._complete(job)
             if job.failed or job.future.done():
                 _discard(active, job)
+
+    def _finish_completed(self, runtime: Any, part: list[_Taken]) -> None:
+        """Decode the plans whose last window just ran and answer their requests now, not after the whole call:
+        a tweet that shares a call with long windows is answered once its own ONNX run is done."""
+        completed, seen = [], set()
+        for t in part:
+            if not t.job.failed and t.plan.remaining == 0 and id(t.plan) not in seen:
+                seen.add(id(t.plan))
+                completed.append(t)
+        if completed:
+            self._finish(runtime, completed)
+        for t in completed:
+            if t.job.done:
+                self._complete(t.job)
 
     def _run_group(self, runtime: Any, group: list[_Taken]) -> None:
         """Emissions into each window's plan; if the call fails, each request's windows again alone."""
@@ -444,6 +465,23 @@ def _by_runtime(taken: list[_Taken]) -> list[tuple[Any, list[_Taken]]]:
     for t in taken:
         groups.setdefault(id(t.job.runtime), (t.job.runtime, []))[1].append(t)
     return list(groups.values())
+
+
+def _window_tokens(runtime: Any, window: Any) -> int:
+    """What a window costs a call, in sub-tokens (0 for a runtime that does not say)."""
+    tokens = getattr(runtime, "window_tokens", None)
+    return tokens(window) if tokens is not None else 0
+
+
+def _onnx_runs(runtime: Any, group: list[_Taken]) -> list[list[_Taken]]:
+    """The call's windows in the runtime's own ONNX runs (sorted by length, ``batch_size`` each), so each run's
+    requests can be answered as soon as it is done; the runs are the ones ``run_windows`` makes of the whole
+    call, so the predictions do not change. A runtime without ``batch_size`` and ``window_tokens``: one run."""
+    size = getattr(runtime, "batch_size", None)
+    if not size or getattr(runtime, "window_tokens", None) is None:
+        return [group]
+    ordered = sorted(group, key=lambda t: runtime.window_tokens(t.window))
+    return [ordered[lo:lo + size] for lo in range(0, len(ordered), size)]
 
 
 def _discard(active: deque[_Job], job: _Job) -> None:

@@ -24,6 +24,7 @@ class Settings:
     max_config_chars: int = 262_144  # a label config in /predict or /setup
     max_batch_size: int = 64        # texts per runtime call (micro-batch)
     max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
+    max_batch_tokens: int = 1024    # sub-tokens per runtime call: a call of long windows stays short (fairness)
     onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
     quantized: bool = False         # serve model.int8.onnx
     threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
@@ -37,12 +38,14 @@ class Settings:
            "max_chars": "NER_MAX_CHARS", "max_body_bytes": "NER_MAX_BODY_BYTES",
            "max_config_chars": "NER_MAX_CONFIG_CHARS",
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
+           "max_batch_tokens": "NER_MAX_BATCH_TOKENS",
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS", "params_file": "NER_PARAMS",
            "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL", "reload_interval_s": "NER_RELOAD_INTERVAL_S"}
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_predict_tasks", "max_chars", "max_config_chars", "max_batch_size", "onnx_batch_size"):
+        for name in ("max_texts", "max_predict_tasks", "max_chars", "max_config_chars", "max_batch_size",
+                     "max_batch_tokens", "onnx_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({self.ENV[name]}) must be at least 1, got {getattr(self, name)}")
 

@@ -76,6 +76,7 @@ class ServiceState:
         runtime = load_runtime(settings.model_dir, settings)
         self.metrics.set_model(runtime.model_version)
         self.batcher = MicroBatcher(runtime, max_batch_size=settings.max_batch_size,
+                                    max_batch_tokens=settings.max_batch_tokens,
                                     max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.observe_batch,
                                     on_idle=release_memory)
         self.reloader = ModelReloader(settings.model_dir, self.load, self.batcher,

@@ -49,6 +49,10 @@ class ServingRuntime(NerRuntime):
         emissions = [np.zeros((len(w), len(self.tags)), dtype=np.float32) for w in words]
         return Plan(texts, words, windows, emissions)
 
+    def window_tokens(self, window: EncodedWindow) -> int:
+        """A window's sub-tokens: what it costs a call (the batcher's ``max_batch_tokens``) and its sort key."""
+        return len(window.input_ids)
+
     def run_windows(self, windows: list[EncodedWindow]) -> list[np.ndarray]:
         """Each window's emissions, in input order; ONNX runs of ``batch_size`` windows sorted by length."""
         order = sorted(range(len(windows)), key=lambda j: len(windows[j].input_ids))

@@ -22,41 +22,76 @@ def runtime(forced_onnx):
     return ServingRuntime(forced_onnx, batch_size=8)
 
 
-def test_the_batcher_gives_the_runtimes_own_predictions(runtime, forced_onnx):
+@pytest.mark.parametrize("max_batch_tokens", [0, 1024])
+def test_the_batcher_gives_the_runtimes_own_predictions(runtime, forced_onnx, max_batch_tokens):
     texts = SPECIAL_TEXTS + ["", "   ", LONG[:20_000]] + [f"tweet {i} about New York" for i in range(70)]
     expected = [p.to_dict() for p in NerRuntime(forced_onnx, batch_size=8).predict(texts)]
-    batcher = MicroBatcher(runtime, max_batch_size=64, max_wait_ms=0)
+    batcher = MicroBatcher(runtime, max_batch_size=64, max_wait_ms=0, max_batch_tokens=max_batch_tokens)
     try:
         got = batcher.predict(texts)
     finally:
         batcher.close()
-    assert [p.to_dict() for p in got.predictions] == expected
+    got_dicts = [p.to_dict() for p in got.predictions]
+    if not max_batch_tokens:  # whole calls of 64 windows: predict's very ONNX runs, so the very same floats
+        assert got_dicts == expected
+    else:  # the long text's windows ran two by two, not eight by eight: the same entities, scores to rounding
+        assert [[(e["start"], e["end"], e["label"]) for e in d["entities"]] for d in got_dicts] == \
+            [[(e["start"], e["end"], e["label"]) for e in d["entities"]] for d in expected]
+        assert [d["score"] for d in got_dicts] == pytest.approx([d["score"] for d in expected], abs=1e-4)
     assert got.model_version == runtime.model_version
 
 
-def test_a_tweet_sent_while_two_100k_texts_are_served_completes_first(runtime):
-    gate, first_call = threading.Event(), threading.Event()
-    calls: list[int] = []
+class Recording:
+    """The real runtime, with the sub-tokens of each ONNX run's windows and the answered state of ``watch``
+    noted at each run (the batcher runs a call as the runtime's own ONNX runs)."""
 
-    def on_batch(stats):  # runs on the worker after each runtime call: hold it after the long request's first
-        calls.append(stats.requests)
+    def __init__(self, runtime: ServingRuntime) -> None:
+        self.runtime, self.runs, self.watch = runtime, [], None
+        self.model_version, self.batch_size = runtime.model_version, runtime.batch_size
+
+    def plan(self, texts):
+        return self.runtime.plan(texts)
+
+    def window_tokens(self, window) -> int:
+        return self.runtime.window_tokens(window)
+
+    def run_windows(self, windows):
+        self.runs.append(([self.window_tokens(w) for w in windows], self.watch is not None and self.watch.done()))
+        return self.runtime.run_windows(windows)
+
+    def finish(self, plans):
+        return self.runtime.finish(plans)
+
+
+def test_a_call_holds_at_most_the_token_budget_and_a_tweet_is_answered_after_its_own_onnx_run(forced_onnx):
+    recording = Recording(ServingRuntime(forced_onnx, batch_size=1))  # one window per ONNX run
+    calls: list[int] = []  # ONNX runs so far, at the end of each call
+    gate, first_call = threading.Event(), threading.Event()
+
+    def on_batch(stats):  # hold the worker after the long request's first call, until the tweet is queued
+        calls.append(len(recording.runs))
         first_call.set()
         assert gate.wait(60)
 
-    batcher = MicroBatcher(runtime, max_batch_size=64, max_wait_ms=0, on_batch=on_batch)
-    done: list[str] = []
+    tweet = "Barack Obama in Paris"
+    tweet_tokens = recording.window_tokens(recording.plan([tweet]).windows[0])
+    budget = 200  # three of this test model's long-text windows (~60 sub-tokens), where 64 made one call before
+    batcher = MicroBatcher(recording, max_batch_size=64, max_wait_ms=0, max_batch_tokens=budget, on_batch=on_batch)
     try:
-        long = batcher.submit_nowait([LONG, LONG])
-        long.add_done_callback(lambda _: done.append("long"))
+        long = batcher.submit_nowait([LONG[:20_000]])
         assert first_call.wait(120)
-        short = batcher.submit_nowait(["Barack Obama in Paris"])
-        short.add_done_callback(lambda _: done.append("short"))
+        short = batcher.submit_nowait([tweet])
+        recording.watch = short
         gate.set()
         assert short.result(120).predictions[0].entities
-        assert len(long.result(300).predictions) == 2
+        assert long.result(300).predictions[0].entities
     finally:
         gate.set()
         batcher.close()
-    assert done == ["short", "long"]
-    assert calls[1] == 2  # the very next runtime call served both requests
-    assert len(calls) > 20  # the long request's windows took many calls: the short one did not wait for them
+    per_call = [recording.runs[lo:hi] for lo, hi in zip([0] + calls, calls)]
+    assert len(per_call) > 5 and max(sum(sum(tokens) for tokens, _ in call) for call in per_call) <= budget
+    # the tweet rode the second call, in its first ONNX run (the shortest window), and was answered before the
+    # long windows of that same call ran
+    second = per_call[1]
+    assert [tokens for tokens, _ in second][0] == [tweet_tokens] and len(second) > 1
+    assert not second[0][1] and all(answered for _, answered in second[1:]), second
