@@ -3,16 +3,16 @@
 Each request puts its texts on a queue and waits on a future. One worker
 thread keeps a rotation of active requests. It plans a request's texts a chunk
 at a time (words, sub-tokens, encoder windows: ``runtime.plan``), then forms
-each runtime call from up to ``max_batch_size`` windows (and ``max_batch_tokens``
-sub-tokens) taken one per request in turn (round-robin), runs them as the
+each runtime call from up to ``max_batch_size`` windows and ``max_batch_tokens``
+sub-tokens taken one per request in turn (round-robin), runs them as the
 runtime's own ONNX runs (sorted by length, ``runtime.batch_size`` each), and
 after each run decodes the plans whose windows have all run
-(``runtime.finish``) and answers their requests: a tweet that shares a call
-with long windows does not wait for them. A request with two 100k-character texts (thousands of
-windows) thus takes one window per turn like everyone else: a one-tweet
-request sent meanwhile joins the very next call and is answered after it,
-not after all the long request's windows. Only the current chunk of a request
-is planned, so memory stays bounded however many texts it holds.
+(``runtime.finish``) and answers their requests. A request with two
+100k-character texts (thousands of windows) thus takes one window per turn
+like everyone else, in calls kept short by the token budget: a one-tweet
+request sent meanwhile joins the very next call and is answered after its own
+ONNX run in it, not after the long request's windows. Only the current chunk
+of a request is planned, so memory stays bounded however many texts it holds.
 
 Every request already queued joins the rotation before each call. Waiting for
 more only pays when the call has room and company is on its way: with
@@ -300,8 +300,9 @@ class MicroBatcher:
         return total
 
     def _take(self, active: deque[_Job]) -> list[_Taken]:
-        """Up to ``max_batch_size`` windows, one per request in turn (round-robin): a short request waits for
-        at most one window of each other request per turn, never for all of a long one's windows."""
+        """Up to ``max_batch_size`` windows and ``max_batch_tokens`` sub-tokens (one window at least), one per
+        request in turn (round-robin): a short request waits for at most one window of each other request per
+        turn, never for all of a long one's windows."""
         taken: list[_Taken] = []
         tokens = 0
         while active and len(taken) < self.max_batch_size:

@@ -45,7 +45,7 @@ class ServingRuntime(NerRuntime):
     def plan(self, texts: list[str]) -> Plan:
         words = [split_words(t) for t in texts]
         windows = self.encode([[t[s:e] for s, e in w] for t, w in zip(texts, words)])
-        windows.sort(key=lambda window: len(window.input_ids))  # stable: the order word_emissions runs them in
+        windows.sort(key=self.window_tokens)  # stable: the order word_emissions runs them in
         emissions = [np.zeros((len(w), len(self.tags)), dtype=np.float32) for w in words]
         return Plan(texts, words, windows, emissions)
 
@@ -55,7 +55,7 @@ class ServingRuntime(NerRuntime):
 
     def run_windows(self, windows: list[EncodedWindow]) -> list[np.ndarray]:
         """Each window's emissions, in input order; ONNX runs of ``batch_size`` windows sorted by length."""
-        order = sorted(range(len(windows)), key=lambda j: len(windows[j].input_ids))
+        order = sorted(range(len(windows)), key=lambda j: self.window_tokens(windows[j]))
         out: list[np.ndarray] = [np.empty(0)] * len(windows)
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
