@@ -5,8 +5,8 @@ thread keeps a rotation of active requests. It plans a request's texts a chunk
 at a time (words, sub-tokens, encoder windows: ``runtime.plan``), then forms
 each runtime call from up to ``max_batch_size`` windows and ``max_batch_tokens``
 sub-tokens taken one per request in turn (round-robin), runs them as the
-runtime's own ONNX runs (sorted by length, ``runtime.batch_size`` each), and
-after each run decodes the plans whose windows have all run
+runtime's own ONNX runs (sorted by length, ``runtime.batch_size`` each, never
+mixing a short window with much longer ones), and after each run decodes the plans whose windows have all run
 (``runtime.finish``) and answers their requests. A request with two
 100k-character texts (thousands of windows) thus takes one window per turn
 like everyone else, in calls kept short by the token budget: a one-tweet
@@ -146,7 +146,7 @@ class MicroBatcher:
     """Runs the windows of concurrent ``submit`` calls in shared runtime calls, round-robin across requests."""
 
     def __init__(self, runtime: Any, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 max_batch_tokens: int = 0,
+                 max_batch_tokens: int = 0, run_spread_tokens: int = 128,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  arrivals: Callable[[], int] | None = None,
                  on_idle: Callable[[Any], None] | None = None) -> None:
@@ -157,6 +157,7 @@ class MicroBatcher:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens  # sub-tokens per call (0: no bound); a call holds one window at least
+        self.run_spread_tokens = run_spread_tokens  # an ONNX run's windows are within this of its shortest one
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self.arrivals = arrivals
@@ -350,7 +351,7 @@ class MicroBatcher:
         """One runtime call per model over the taken windows; then the plans they completed are decoded."""
         for runtime, group in _by_runtime(taken):
             start = time.perf_counter()
-            for part in _onnx_runs(runtime, group):  # the shortest windows first, as the runtime would run them
+            for part in _onnx_runs(runtime, group, self.run_spread_tokens):  # shortest windows first
                 self._run_group(runtime, part)
                 self._finish_completed(runtime, part)
             self._report(BatchStats(len(group), len({id(t.job) for t in group}), time.perf_counter() - start))
@@ -474,15 +475,23 @@ def _window_tokens(runtime: Any, window: Any) -> int:
     return tokens(window) if tokens is not None else 0
 
 
-def _onnx_runs(runtime: Any, group: list[_Taken]) -> list[list[_Taken]]:
-    """The call's windows in the runtime's own ONNX runs (sorted by length, ``batch_size`` each), so each run's
-    requests can be answered as soon as it is done; the runs are the ones ``run_windows`` makes of the whole
-    call, so the predictions do not change. A runtime without ``batch_size`` and ``window_tokens``: one run."""
+def _onnx_runs(runtime: Any, group: list[_Taken], spread: int) -> list[list[_Taken]]:
+    """The call's windows in ONNX runs, sorted by length: ``batch_size`` each (the runtime's own runs) and within
+    ``spread`` sub-tokens of the run's shortest window, so each run's requests are answered as soon as it is done
+    and a tweet never rides in a run padded to a long text's 512-token windows (17x its own cost); tweets, whose
+    lengths differ by less, keep sharing runs. A runtime without ``batch_size`` and ``window_tokens``: one run."""
     size = getattr(runtime, "batch_size", None)
     if not size or getattr(runtime, "window_tokens", None) is None:
         return [group]
-    ordered = sorted(group, key=lambda t: runtime.window_tokens(t.window))
-    return [ordered[lo:lo + size] for lo in range(0, len(ordered), size)]
+    runs: list[list[_Taken]] = []
+    shortest = 0
+    for t in sorted(group, key=lambda t: runtime.window_tokens(t.window)):
+        tokens = runtime.window_tokens(t.window)
+        if not runs or len(runs[-1]) == size or tokens - shortest > spread:
+            runs.append([])
+            shortest = tokens
+        runs[-1].append(t)
+    return runs
 
 
 def _discard(active: deque[_Job], job: _Job) -> None:

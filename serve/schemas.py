@@ -36,6 +36,8 @@ class ModelResponse(BaseModel):
     labels: list[str]
     scheme: str | None = None
     model_dir: str
+    graph: str  # the ONNX file served: model.onnx, or the int8 graph chosen for this CPU
+    cpu: str    # this CPU and the ISA extensions that chose it
 
 
 class HealthResponse(BaseModel):

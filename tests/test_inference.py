@@ -175,6 +175,44 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     assert metrics["int8_vs_fp32_test"]["sequences"] > 0
 
 
+def test_cpus_without_vnni_load_an_int8_graph_whose_products_cannot_saturate(pipeline_run, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.core.cpu import cpu_info
+    from pipeline.runtime.inference import QUANTIZED_AVX2_FILE, QUANTIZED_FILE, int8_file
+
+    folder = pipeline_run.path("onnx_dir")
+
+    def int8_weights(name):
+        graph = onnx.load(str(folder / name)).graph
+        return {n.op_type for n in graph.node}, [numpy_helper.to_array(t) for t in graph.initializer
+                                                 if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+
+    ops, weights = int8_weights(QUANTIZED_AVX2_FILE)
+    assert {"QAttention", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"} <= ops and "MatMulNBits" not in ops
+    # 7-bit weights: two u8 x s7 products summed stay inside the int16 of AVX2's vpmaddubsw (255 * 64 * 2 < 32767)
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    _, vnni_weights = int8_weights(QUANTIZED_FILE)  # VNNI sums in int32: full 8-bit weights
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in vnni_weights) == 127
+    metrics = json.loads(pipeline_run.path("export_metrics").read_text())
+    assert metrics["int8_avx2"]["int8_scheme"]["weight_bits"] == 7 and metrics["int8_scheme"]["weight_bits"] == 8
+    assert metrics["int8_avx2"]["int8_vs_fp32_dev"]["sequences"] > 0
+
+    # chosen at load by the CPU the runtime runs on, and said in the version
+    assert int8_file(folder, vnni=True) == QUANTIZED_FILE and int8_file(folder, vnni=False) == QUANTIZED_AVX2_FILE
+    here = QUANTIZED_FILE if cpu_info()["vnni"] else QUANTIZED_AVX2_FILE
+    runtime = NerRuntime(folder, quantized=True)
+    assert runtime.onnx_path.name == metrics["int8_graph_here"] == here
+    assert runtime.model_version.endswith("-int8" if cpu_info()["vnni"] else "-int8-avx2")
+    # a folder exported before there were two: model.int8.onnx on every CPU
+    old = tmp_path / "old"
+    shutil.copytree(folder, old, ignore=shutil.ignore_patterns(QUANTIZED_AVX2_FILE))
+    assert int8_file(old, vnni=False) == QUANTIZED_FILE == NerRuntime(old, quantized=True).onnx_path.name
+
+
 def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_path):
     import onnx
 

@@ -61,6 +61,24 @@ def test_ner_api_returns_entities_with_exact_offsets_and_matches_the_runtime(ser
     for text, result in zip(texts, body["results"]):
         for entity in result["entities"]:
             assert text[entity["start"]:entity["end"]] == entity["text"]
+    assert service.get("/v1/model").json()["graph"] == "model.onnx"
+
+
+def test_an_int8_service_serves_the_int8_graph_chosen_for_this_cpu(forced_onnx, tmp_path):
+    from pipeline.core.cpu import cpu_info, describe
+    from pipeline.runtime.inference import NerRuntime
+
+    texts = ["Barack Obama visited 北京 today", "Apple and Google in New York"]
+    with ServiceProcess(forced_onnx, tmp_path / "serve.log", env={"NER_API_KEY": API_KEY, "NER_QUANTIZED": "1"}) as svc:
+        with httpx.Client(base_url=svc.url, headers=AUTH, timeout=60) as client:
+            model = client.get("/v1/model").json()
+            body = client.post("/v1/ner", json={"texts": texts}).json()
+    # model.int8-avx2.onnx on a CPU without VNNI (7-bit weights), model.int8.onnx on one with it
+    assert model["graph"] == ("model.int8.onnx" if cpu_info()["vnni"] else "model.int8-avx2.onnx")
+    assert model["cpu"] == describe() and model["model_version"] == body["model_version"]
+    direct = NerRuntime(forced_onnx, quantized=True)
+    assert body["results"] == [p.to_dict() for p in direct.predict(texts)]
+    assert body["model_version"] == direct.model_version != NerRuntime(forced_onnx).model_version
 
 
 def test_label_studio_predict_protocol(service, pipeline_run):

@@ -90,6 +90,8 @@ class ExportConfig(SectionConfig):
     int8_smooth: float = Field(0.8, ge=0, le=1)
     int8_calibration: PositiveInt = 256
     int8_float: tuple[str, ...] = ()
+    int8_avx2: bool = True  # also write model.int8-avx2.onnx for CPUs without VNNI (7-bit weights, no block-wise)
+    int8_avx2_float: tuple[str, ...] = ()  # MatMuls left fp32 in that graph
     threads: NonNegativeInt = 0  # ORT intra-op threads for the parity and int8 checks (0: one per physical core)
 
 

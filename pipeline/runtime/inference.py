@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model.int8.onnx"
+#: The int8 graph for CPUs without VNNI (AVX2 only, e.g. Zen 3): ONNX Runtime's u8s8 kernels saturate there
+#: (``vpmaddubsw``), so its weights are 7-bit (``reduce_range``) and it has no block-wise MatMuls (slower than fp32
+#: there). :func:`int8_file` picks one of the two by the CPU the runtime runs on.
+QUANTIZED_AVX2_FILE = "model.int8-avx2.onnx"
 CRF_FILE = "crf.json"
 INFO_FILE = "model_info.json"
 # Export saves both graphs optimized at this level (portable: no hardware-specific layouts), and the runtime
@@ -55,6 +59,14 @@ def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOpt
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return options
+
+
+def int8_file(model_dir: Path, vnni: bool) -> str:
+    """The int8 graph for a CPU with (``vnni``) or without VNNI: ``model.int8-avx2.onnx`` where the folder has one
+    and the CPU lacks VNNI, ``model.int8.onnx`` otherwise (folders exported before there were two)."""
+    if not vnni and (model_dir / QUANTIZED_AVX2_FILE).is_file():
+        return QUANTIZED_AVX2_FILE
+    return QUANTIZED_FILE
 
 
 @dataclass(frozen=True)
@@ -99,23 +111,29 @@ class ModelCard:
     entity_types: list[str]
 
     @classmethod
-    def read(cls, model_dir: str | Path, quantized: bool = False) -> ModelCard:
+    def read(cls, model_dir: str | Path, quantized: bool = False, onnx_file: str | None = None) -> ModelCard:
+        """The folder's card; ``quantized``: the int8 graph for this CPU (:func:`int8_file`); ``onnx_file``: that
+        graph of the folder instead (the export checks each int8 graph on whatever CPU it runs on)."""
         model_dir = Path(model_dir)
-        onnx_path = model_dir / (QUANTIZED_FILE if quantized else MODEL_FILE)
+        if onnx_file is None:
+            onnx_file = int8_file(model_dir, bool(cpu_info()["vnni"])) if quantized else MODEL_FILE
+        onnx_path = model_dir / onnx_file
         for path in (onnx_path, model_dir / CRF_FILE, model_dir / INFO_FILE):
             if not path.is_file():
                 raise ModelLoadError(f"{path} not found; run the export stage first")
         info = json.loads((model_dir / INFO_FILE).read_text())
-        return cls(onnx_path, info, info["model_version"] + ("-int8" if quantized else ""), info["entity_types"])
+        suffix = {MODEL_FILE: "", QUANTIZED_FILE: "-int8", QUANTIZED_AVX2_FILE: "-int8-avx2"}.get(
+            onnx_file, f"-{onnx_path.stem}")
+        return cls(onnx_path, info, info["model_version"] + suffix, info["entity_types"])
 
 
 class NerRuntime:
     """An exported model folder loaded for inference."""
 
     def __init__(self, model_dir: str | Path, *, quantized: bool = False, threads: int = 0,
-                 max_tokens: int = 512, batch_size: int = 32) -> None:
+                 max_tokens: int = 512, batch_size: int = 32, onnx_file: str | None = None) -> None:
         self.model_dir = Path(model_dir)
-        card = ModelCard.read(self.model_dir, quantized)
+        card = ModelCard.read(self.model_dir, quantized, onnx_file)
         onnx_path = card.onnx_path
         crf = json.loads((self.model_dir / CRF_FILE).read_text())
         self.crf = CrfParams.from_dict(crf)
@@ -131,9 +149,17 @@ class NerRuntime:
         self.onnx_path = onnx_path
         options = session_options(threads, optimized=bool(self.info.get("graph_optimized")))
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        if quantized and not cpu_info()["vnni"]:
-            log.warning("int8 graph on a CPU without VNNI (%s): ONNX Runtime's u8s8 kernels saturate here, so "
-                        "expect ~1.2x fp32 speed and a larger emission error than on VNNI CPUs", describe())
+        if quantized and onnx_file is None:
+            self._say_which_int8()
+
+    def _say_which_int8(self) -> None:
+        if self.onnx_path.name == QUANTIZED_FILE and not cpu_info()["vnni"]:
+            log.warning("%s on a CPU without VNNI (%s), and no %s beside it (exported before there was one): "
+                        "ONNX Runtime's u8s8 kernels saturate here, so expect ~1.1x fp32 speed and 4x the "
+                        "emission error of VNNI CPUs; export again to get the graph for this CPU", QUANTIZED_FILE,
+                        describe(), QUANTIZED_AVX2_FILE)
+        else:
+            log.info("int8 graph %s for this CPU, %s", self.onnx_path.name, describe())
 
     def predict(self, texts: list[str]) -> list[TextPrediction]:
         """Entities for each text, in input order."""

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from pipeline.core.cpu import describe
 from serve.schemas import ModelResponse, NerRequest, NerResponse, TextResult
 from serve.state import ServiceState, service
 
@@ -15,10 +16,11 @@ State = Annotated[ServiceState, Depends(service)]
 
 @router.get("/v1/model", response_model=ModelResponse)
 async def model_info(state: State) -> dict[str, Any]:
-    """The model being served: version, entity labels, tag scheme."""
+    """The model being served: version, entity labels, tag scheme, and the graph file chosen for this CPU."""
     current = state.runtime
     return {"model_version": current.model_version, "labels": current.entity_types,
-            "scheme": current.info.get("scheme"), "model_dir": str(state.model_dir)}
+            "scheme": current.info.get("scheme"), "model_dir": str(state.model_dir),
+            "graph": current.onnx_path.name, "cpu": describe()}
 
 
 @router.post("/v1/ner", response_model=NerResponse,
