@@ -12,7 +12,8 @@ to entities with character offsets:
                     default batch size, 1 (throughput only; its latency is (a)'s)
   (b) torch_eager   our BERT-BiLSTM-CRF in PyTorch eager mode (``paths.model_dir``)
   (c) onnx_fp32     our ONNX runtime (``pipeline.runtime.inference.NerRuntime``), ``model.onnx``
-  (d) onnx_int8     the same runtime on ``model.int8.onnx``
+  (d) onnx_int8     the same runtime on its int8 graph for this CPU (``model.int8.onnx`` with VNNI,
+                    ``model.int8-avx2.onnx`` without: ``int8_graph`` in the JSON)
   (e) plain_ort_fp32 / plain_ort_int8  the peer a user who skips our product would build:
                     ``BertForTokenClassification`` of the same encoder in plain ONNX Runtime (exported the
                     usual way, ``quantize_dynamic`` for int8), sorted batches, argmax only
@@ -310,6 +311,7 @@ def main() -> None:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu": cpu_info(),
+        "int8_graph": int8.onnx_path.name,  # the one the runtime chose for this CPU (model.int8-avx2.onnx without VNNI)
         "units": {
             "batched_sentences_per_s": f"all texts in one call, batches of {args.batch_size}; best of repeats",
             "single_sentences_per_s": "texts one per call (batch of 1), summed time",

@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=Settings.max_batch_size)
     parser.add_argument("--max-wait-ms", type=float, default=Settings.max_wait_ms)
     parser.add_argument("--onnx-batch-size", type=int, default=Settings.onnx_batch_size)
-    parser.add_argument("--quantized", action="store_true", help="model.int8.onnx everywhere")
+    parser.add_argument("--quantized", action="store_true", help="the int8 graph for this CPU everywhere")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     args = parser.parse_args()

@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model-dir", help="default: paths.onnx_dir of params.yaml")
-    parser.add_argument("--quantized", action="store_true", help="serve model.int8.onnx")
+    parser.add_argument("--quantized", action="store_true", help="serve the int8 graph (the one for this CPU)")
     parser.add_argument("--tweets", type=int, default=200, help="one-tweet requests on the idle service")
     parser.add_argument("--out", default="benchmarks/results/serve-fairness.json")
     args = parser.parse_args()

@@ -49,6 +49,10 @@ class ServingRuntime(NerRuntime):
         emissions = [np.zeros((len(w), len(self.tags)), dtype=np.float32) for w in words]
         return Plan(texts, words, windows, emissions)
 
+    def plan_words(self, plan: Plan) -> int:
+        """The words :meth:`finish` decodes for ``plan``: what it costs (the batcher decodes large plans aside)."""
+        return sum(len(w) for w in plan.words)
+
     def window_tokens(self, window: EncodedWindow) -> int:
         """A window's sub-tokens: what it costs a call (the batcher's ``max_batch_tokens``) and its sort key."""
         return len(window.input_ids)

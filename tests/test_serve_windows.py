@@ -1,7 +1,9 @@
 """The micro-batcher over the real runtime (ONNX Runtime, in-process): same predictions as ``NerRuntime.predict``,
-and a short request completes before a long one that was already running (windows scheduled fairly).
+and a short request completes before a long one that was already running (windows scheduled fairly, a long
+text decoded beside the worker).
 
-No timing: the order is forced by holding the worker inside the long request's first runtime call.
+No timing: the order is forced by holding the worker inside the long request's first runtime call, or the
+decoder inside the long text's decoding.
 """
 
 import threading
@@ -9,7 +11,7 @@ import threading
 import pytest
 
 from pipeline.runtime.inference import NerRuntime
-from serve.batching import MicroBatcher
+from serve.batching import DECODE_ASIDE_WORDS, MicroBatcher
 from serve.windows import ServingRuntime
 from tests.conftest import SPECIAL_TEXTS
 
@@ -98,3 +100,42 @@ def test_a_call_holds_at_most_the_token_budget_and_a_tweet_is_answered_after_its
     second = per_call[1]
     assert [tokens for tokens, _ in second][0] == [tweet_tokens] and len(second) > 1
     assert not second[0][1] and all(answered for _, answered in second[1:]), second
+
+
+class SlowDecode(Recording):
+    """The real runtime whose decoding of a large plan waits until ``release`` is set (``decoding`` says it began)."""
+
+    def __init__(self, runtime: ServingRuntime) -> None:
+        super().__init__(runtime)
+        self.decoding, self.release = threading.Event(), threading.Event()
+
+    def plan_words(self, plan) -> int:
+        return self.runtime.plan_words(plan)
+
+    def finish(self, plans):
+        if sum(self.plan_words(p) for p in plans) > DECODE_ASIDE_WORDS:
+            self.decoding.set()
+            assert self.release.wait(120)
+        return self.runtime.finish(plans)
+
+
+def test_a_long_text_is_decoded_aside_while_tweets_keep_being_answered(forced_onnx):
+    slow = SlowDecode(ServingRuntime(forced_onnx, batch_size=8))
+    text = LONG[:20_000]
+    assert slow.plan_words(slow.plan([text])) > DECODE_ASIDE_WORDS
+    batcher = MicroBatcher(slow, max_batch_size=64, max_wait_ms=0, max_batch_tokens=1024)
+    try:
+        long = batcher.submit_nowait([text])
+        assert slow.decoding.wait(300)  # every window ran; its Viterbi and spans are being computed
+        tweets = [batcher.submit_nowait([f"Barack Obama in Paris {i}"]) for i in range(3)]
+        # answered by the worker while the long text's decoding still holds the decoder thread
+        assert all(t.result(60).predictions[0].entities for t in tweets)
+        assert not long.done()
+        slow.release.set()
+        got = long.result(120)
+    finally:
+        slow.release.set()
+        batcher.close()
+    expected = NerRuntime(forced_onnx, batch_size=8).predict([text])
+    assert [(e.start, e.end, e.label) for e in got.predictions[0].entities] == \
+        [(e.start, e.end, e.label) for e in expected[0].entities]
