@@ -32,6 +32,7 @@ FLAGS = {  # flag -> Settings field (its environment variable is Settings.ENV[fi
     "--max-wait-ms": "max_wait_ms",
     "--max-batch-tokens": "max_batch_tokens",
     "--onnx-batch-size": "onnx_batch_size",
+    "--bulk-chars": "bulk_chars",
     "--max-texts": "max_texts",
     "--max-predict-tasks": "max_predict_tasks",
     "--max-predict-body-bytes": "max_predict_body_bytes",

@@ -31,6 +31,9 @@ windows fails, each request's windows are retried alone, so one bad request
 cannot fail its neighbours; a request that fails alone gets the exception.
 When the worker goes idle after a request of more than ``max_batch_size``
 windows, ``on_idle(runtime)`` runs (``serve.memory.release_memory``).
+
+The service runs two of these, a bulk lane and an interactive one
+(:class:`serve.lanes.Lanes`).
 """
 
 from __future__ import annotations
@@ -563,3 +566,4 @@ def _discard(active: deque[_Job], job: _Job) -> None:
     # worker's time at 32 clients.
     if job in active:
         active.remove(job)
+

@@ -26,6 +26,7 @@ class Settings:
     max_wait_ms: float = 2.0        # how long a batch waits for company after its first request
     max_batch_tokens: int = 1024    # sub-tokens per runtime call: a call of long windows stays short (fairness)
     onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
+    bulk_chars: int = 10_000        # requests of more characters run in the bulk lane, beside the others (0: one lane)
     quantized: bool = False         # serve model.int8.onnx
     threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
     params_file: Path = Path("params.yaml")  # the DVC workspace's params: the labelling loop trains with them
@@ -39,7 +40,7 @@ class Settings:
            "max_config_chars": "NER_MAX_CONFIG_CHARS",
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
            "max_batch_tokens": "NER_MAX_BATCH_TOKENS",
-           "onnx_batch_size": "NER_ONNX_BATCH_SIZE",
+           "onnx_batch_size": "NER_ONNX_BATCH_SIZE", "bulk_chars": "NER_BULK_CHARS",
            "quantized": "NER_QUANTIZED", "threads": "NER_THREADS", "params_file": "NER_PARAMS",
            "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL", "reload_interval_s": "NER_RELOAD_INTERVAL_S"}
 

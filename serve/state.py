@@ -21,9 +21,10 @@ from pipeline.core.errors import LabelConfigMismatch, ModelLoadError
 from pipeline.labelstudio.labelconfig import LabelConfig, check_labels
 from pipeline.loop.job import JobStatus
 from pipeline.runtime.inference import CRF_FILE, INFO_FILE
-from serve.batching import Batched, MicroBatcher
+from serve.batching import Batched
 from serve.errors import printable
 from serve.labels import LabelConfigs, utf8_or_422
+from serve.lanes import Lanes
 from serve.memory import release_memory
 from serve.observability import Metrics
 from serve.reload import ModelReloader
@@ -75,10 +76,9 @@ class ServiceState:
         self.metrics = Metrics()
         runtime = load_runtime(settings.model_dir, settings)
         self.metrics.set_model(runtime.model_version)
-        self.batcher = MicroBatcher(runtime, max_batch_size=settings.max_batch_size,
-                                    max_batch_tokens=settings.max_batch_tokens,
-                                    max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.observe_batch,
-                                    on_idle=release_memory)
+        self.batcher = Lanes(runtime, bulk_chars=settings.bulk_chars, max_batch_size=settings.max_batch_size,
+                             max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
+                             on_batch=self.metrics.observe_batch, on_idle=release_memory)
         self.reloader = ModelReloader(settings.model_dir, self.load, self.batcher,
                                       on_reload=self.metrics.observe_reload)
         self.label_configs = LabelConfigs(settings.max_config_chars)

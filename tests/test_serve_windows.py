@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.runtime.inference import NerRuntime
 from serve.batching import DECODE_ASIDE_WORDS, MicroBatcher
+from serve.lanes import Lanes
 from serve.windows import ServingRuntime
 from tests.conftest import SPECIAL_TEXTS
 
@@ -102,6 +103,26 @@ def test_a_call_holds_at_most_the_token_budget_and_a_tweet_is_answered_after_its
     assert not second[0][1] and all(answered for _, answered in second[1:]), second
 
 
+def answered_while_held(batcher, held: threading.Event, release: threading.Event, text: str):
+    """Submit ``text``; once ``held`` says its work is held, three tweets must be answered meanwhile; then release
+    it and return its result (the batcher closed either way)."""
+    try:
+        long = batcher.submit_nowait([text])
+        assert held.wait(300)
+        tweets = [batcher.submit_nowait([f"Barack Obama in Paris {i}"]) for i in range(3)]
+        assert all(t.result(60).predictions[0].entities for t in tweets)
+        assert not long.done()
+        release.set()
+        return long.result(300)
+    finally:
+        release.set()
+        batcher.close()
+
+
+def entities(prediction):
+    return [(e.start, e.end, e.label) for e in prediction.entities]
+
+
 class SlowDecode(Recording):
     """The real runtime whose decoding of a large plan waits until ``release`` is set (``decoding`` says it began)."""
 
@@ -124,18 +145,33 @@ def test_a_long_text_is_decoded_aside_while_tweets_keep_being_answered(forced_on
     text = LONG[:20_000]
     assert slow.plan_words(slow.plan([text])) > DECODE_ASIDE_WORDS
     batcher = MicroBatcher(slow, max_batch_size=64, max_wait_ms=0, max_batch_tokens=1024)
-    try:
-        long = batcher.submit_nowait([text])
-        assert slow.decoding.wait(300)  # every window ran; its Viterbi and spans are being computed
-        tweets = [batcher.submit_nowait([f"Barack Obama in Paris {i}"]) for i in range(3)]
-        # answered by the worker while the long text's decoding still holds the decoder thread
-        assert all(t.result(60).predictions[0].entities for t in tweets)
-        assert not long.done()
-        slow.release.set()
-        got = long.result(120)
-    finally:
-        slow.release.set()
-        batcher.close()
-    expected = NerRuntime(forced_onnx, batch_size=8).predict([text])
-    assert [(e.start, e.end, e.label) for e in got.predictions[0].entities] == \
-        [(e.start, e.end, e.label) for e in expected[0].entities]
+    # every window ran; the tweets are answered by the worker while the decoder thread holds the long text
+    got = answered_while_held(batcher, slow.decoding, slow.release, text)
+    assert entities(got.predictions[0]) == entities(NerRuntime(forced_onnx, batch_size=8).predict([text])[0])
+
+
+class HeldLongRuns(Recording):
+    """The real runtime whose ONNX runs of windows over ``longer_than`` sub-tokens wait until ``release`` is set."""
+
+    def __init__(self, runtime: ServingRuntime, longer_than: int) -> None:
+        super().__init__(runtime)
+        self.longer_than = longer_than
+        self.long_run, self.release = threading.Event(), threading.Event()
+
+    def run_windows(self, windows):
+        if max(self.window_tokens(w) for w in windows) > self.longer_than:
+            self.long_run.set()
+            assert self.release.wait(120)
+        return self.runtime.run_windows(windows)
+
+
+def test_a_tweet_runs_beside_a_long_text_whose_window_is_in_flight(forced_onnx):
+    held = HeldLongRuns(ServingRuntime(forced_onnx, batch_size=8), longer_than=32)  # long windows ~60, tweet ~7
+    lanes = Lanes(held, bulk_chars=10_000, max_batch_size=64, max_wait_ms=0, max_batch_tokens=1024)
+    text = LONG[:20_000]
+    assert lanes.lane([text]) is lanes.bulk and lanes.lane(["Barack Obama in Paris"]) is lanes.interactive
+    # an ONNX run of the long text's windows is held in the bulk lane; the tweets do not queue behind it
+    got = answered_while_held(lanes, held.long_run, held.release, text)
+    assert entities(got.predictions[0]) == entities(NerRuntime(forced_onnx, batch_size=8).predict([text])[0])
+    one_lane = Lanes(held, bulk_chars=0)
+    assert one_lane.lane([text]) is one_lane.interactive
