@@ -6,8 +6,9 @@ at a time (words, sub-tokens, encoder windows: ``runtime.plan``), then forms
 each runtime call from up to ``max_batch_size`` windows and ``max_batch_tokens``
 sub-tokens taken one per request in turn (round-robin), runs them as the
 runtime's own ONNX runs (sorted by length, ``runtime.batch_size`` each, never
-mixing a short window with much longer ones), and after each run decodes the plans whose windows have all run
-(``runtime.finish``) and answers their requests. A request with two
+mixing a short window with much longer ones), and after each run decodes the
+plans whose windows have all run (``runtime.finish``) and answers their
+requests. A request with two
 100k-character texts (thousands of windows) thus takes one window per turn
 like everyone else, in calls kept short by the token budget: a one-tweet
 request sent meanwhile joins the very next call and is answered after its own

@@ -27,7 +27,7 @@ class Settings:
     max_batch_tokens: int = 1024    # sub-tokens per runtime call: a call of long windows stays short (fairness)
     onnx_batch_size: int = 8        # texts per ONNX run inside a runtime call (sorted by length first)
     bulk_chars: int = 10_000        # requests of more characters run in the bulk lane, beside the others (0: one lane)
-    quantized: bool = False         # serve model.int8.onnx
+    quantized: bool = False         # serve int8: the graph for this CPU (model.int8-avx2.onnx without VNNI)
     threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
     params_file: Path = Path("params.yaml")  # the DVC workspace's params: the labelling loop trains with them
     loop: bool = True               # Start Training runs the labelling loop (needs params_file; README)
