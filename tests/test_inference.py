@@ -216,7 +216,7 @@ def test_cpus_without_vnni_load_an_int8_graph_whose_products_cannot_saturate(pip
 def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_path):
     import onnx
 
-    from pipeline.modeling.export import export_onnx, fuse_transformer, quantize_int8
+    from pipeline.modeling.export import export_onnx, fuse_transformer, prepare_int8, quantize_int8
     from pipeline.modeling.model import load_model
 
     model, _ = load_model(pipeline_run.path("model_dir"))
@@ -227,7 +227,8 @@ def test_int8_scheme_puts_each_matmul_where_its_pattern_says(pipeline_run, tmp_p
     weights = {t.name for t in fused.initializer}
     with_weights = [n.name for n in fused.node if n.op_type == "MatMul" and n.input[1] in weights]
     float_patterns = ["/encoder/layer.1/output/dense/", "/encoder/layer.0/output/dense/"]
-    info = quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx", tmp_path, blockwise=["/encoder/layer.0/"],
+    typed, _ = prepare_int8(tmp_path / "fused.onnx", tmp_path)
+    info = quantize_int8(typed, tmp_path / "int8.onnx", tmp_path, blockwise=["/encoder/layer.0/"],
                          keep_float=float_patterns)
     nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
     floats = sorted(n.name for n in nodes if n.op_type == "MatMul" and n.name in with_weights)

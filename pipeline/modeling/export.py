@@ -190,11 +190,22 @@ def infer_types(src: Path, dst: Path) -> None:
     onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True), str(dst))
 
 
-def quantize_int8(src: Path, dst: Path, work: Path, blockwise: list[str], block_size: int = 128,
-                  embeddings: bool = False, smooth: float = 0.0,
-                  feeds: list[dict[str, np.ndarray]] | None = None,
-                  keep_float: list[str] | tuple[str, ...] = (), reduce_range: bool = False) -> dict[str, Any]:
-    """Mixed int8 of the fp32 graph ``src`` (fused or not): ``blockwise`` MatMuls as 8-bit MatMulNBits,
+def prepare_int8(src: Path, work: Path, smooth: float = 0.0,
+                 feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The graph every int8 scheme starts from, made once: the fp32 graph ``src`` with SmoothQuant (strength
+    ``smooth``, ranges from ``feeds``) and types through ORT's contrib ops. Returns its path and what was smoothed."""
+    smoothed = 0
+    if smooth > 0 and feeds:
+        smoothed = smooth_activations(src, work / "smoothed.onnx", feeds, smooth)
+        src = work / "smoothed.onnx"
+    infer_types(src, work / "typed.onnx")
+    return work / "typed.onnx", {"smooth_alpha": smooth, "smoothed_inputs": smoothed}
+
+
+def quantize_int8(typed: Path, dst: Path, work: Path, blockwise: list[str], block_size: int = 128,
+                  embeddings: bool = False, keep_float: list[str] | tuple[str, ...] = (),
+                  reduce_range: bool = False) -> dict[str, Any]:
+    """Mixed int8 of the graph ``prepare_int8`` made (fused or not): ``blockwise`` MatMuls as 8-bit MatMulNBits,
     ``keep_float`` ones left fp32, the rest (fused Attention and the LSTM included) dynamic per-channel int8,
     with 7-bit weights if ``reduce_range`` (so that u8s8 products cannot saturate on CPUs without VNNI).
 
@@ -204,12 +215,7 @@ def quantize_int8(src: Path, dst: Path, work: Path, blockwise: list[str], block_
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    smoothed = 0
-    if smooth > 0 and feeds:
-        smoothed = smooth_activations(src, work / "smoothed.onnx", feeds, smooth)
-        src = work / "smoothed.onnx"
-    infer_types(src, work / "typed.onnx")
-    stage = work / "typed.onnx"
+    stage = typed
     model = onnx.load(str(stage))
     weights = {t.name for t in model.graph.initializer}
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -230,8 +236,7 @@ def quantize_int8(src: Path, dst: Path, work: Path, blockwise: list[str], block_
     return {"blockwise_matmuls": len(chosen), "float_matmuls": len(floats),
             "dynamic_matmuls": len(matmuls) - len(chosen) - len(floats),
             "quantized_attention": sum(n.op_type == "Attention" for n in model.graph.node),
-            "block_size": block_size, "embeddings": embeddings, "smooth_alpha": smooth, "smoothed_inputs": smoothed,
-            "weight_bits": 7 if reduce_range else 8}
+            "block_size": block_size, "embeddings": embeddings, "weight_bits": 7 if reduce_range else 8}
 
 
 def crf_dict(model: BertBiLstmCrf, tags: list[str]) -> dict[str, Any]:
@@ -355,9 +360,9 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
             if config.int8_smooth > 0:
                 calibration = list(read_conll(conll_dir / "train.conll"))[:config.int8_calibration]
                 feeds = calibration_feeds(model, calibration, model_dir)
+            typed, smoothing = prepare_int8(fp32_src, work, config.int8_smooth, feeds)
             for name, key, scheme in int8_graphs(config):
-                figures = {"int8_scheme": quantize_int8(fp32_src, work / "int8.onnx", work, smooth=config.int8_smooth,
-                                                        feeds=feeds, **scheme)}
+                figures = {"int8_scheme": {**quantize_int8(typed, work / "int8.onnx", work, **scheme), **smoothing}}
                 optimize_for_cpu(work / "int8.onnx", out / name)
                 int8 = NerRuntime(out, threads=config.threads, onnx_file=name)
                 figures.update(int8_figures(runtime, int8, dev, test, labels["scheme"]))
