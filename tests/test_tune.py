@@ -1,19 +1,23 @@
 """``python -m pipeline tune`` (issue 22): a real Optuna study whose trials are real DVC experiments of the train
 stage, in a copy of the test project (tiny encoder, templated sentences it learns within an epoch).
 
-One study, run twice: two trials that finish (DVC experiments with their params), then resumed with a third
-trial whose rates are all 0, which the median pruner stops at its first epoch: a model that cannot learn
-stays below both finished trials, so the pruning is certain, not a matter of chance. The workspace's tracked
-files stay as they were, nothing enters DVC's run cache, and the best trial applies with one command.
+One study, run twice: two trials that finish side by side (DVC experiments with their params, each on its share
+of the cores), then resumed with a third trial whose rates are all 0, which the median pruner stops at its first
+epoch: a model that cannot learn stays below both finished trials, so the pruning is certain, not a matter of
+chance. The workspace's tracked files stay as they were, nothing enters DVC's run cache, and the best trial
+applies with one command. A tuner interrupted while two trials run stops both of their trainings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +35,7 @@ RATES = ("lr_encoder", "lr_head", "lr_crf")
 
 
 def tune_section(**changes: object) -> dict:
-    section = {"trials": 2, "timeout": 0, "sampler": "random", "pruner": "none", "startup_trials": 1,
+    section = {"trials": 2, "timeout": 0, "sampler": "random", "pruner": "none", "jobs": 2, "startup_trials": 1,
                "min_epochs": 1, "seed": 0, "study": "tune", "storage": "reports/tune.db",
                "space": {"lr_encoder": {"low": 5e-4, "high": 2e-3},
                          "lr_head": {"low": 0.01, "high": 0.02},
@@ -97,6 +101,7 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
         data = shown[trial["experiment"]]
         train = data["params"]["params.yaml"]["data"]["train"]
         assert {k: train[k] for k in trial["params"]} == trial["params"]
+        assert train["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # tune.jobs 2: half the cores each
         live = data["metrics"]["dvclive/train/metrics.json"]["data"]
         assert live["best_dev_f1"] == pytest.approx(trial["dev_f1"]) == pytest.approx(max(trial["dev_f1_per_epoch"]))
         assert len(trial["dev_f1_per_epoch"]) == 3
@@ -105,6 +110,8 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
     # what the pruner judged at each epoch: the best dev F1 so far (the objective), not the epoch's own
     import optuna
     study = optuna.load_study(study_name=report["study"], storage=f"sqlite:///{root / 'reports' / 'tune.db'}")
+    first, second = study.trials
+    assert first.datetime_start < second.datetime_complete and second.datetime_start < first.datetime_complete
     for trial in study.trials:
         reported = [trial.intermediate_values[epoch] for epoch in sorted(trial.intermediate_values)]
         assert reported == list(itertools.accumulate(trial.user_attrs["dev_f1_per_epoch"], max))
@@ -142,6 +149,66 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
     run(resumed["apply"].split(), root, env)
     applied = yaml.safe_load((root / "params.yaml").read_text())["train"]
     assert {k: applied[k] for k in best["params"]} == best["params"]
+
+
+def descendants(pid: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_every_trial_running_side_by_side(project, pipeline_run):
+    """Optuna runs parallel trials in worker threads, which never see Ctrl-C: the tuner must stop their trainings
+    itself, or it would wait for both to train to the end (here 500 epochs)."""
+    root, env = project, pipeline_run.env
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tune"] = tune_section(study="stopped", trials=4,
+                                  space={"dropout": {"low": 0.0, "high": 0.2}, "epochs": {"choices": [500]}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tune"], cwd=root, env=fresh_shell(env),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        epochs: set[str] = set()
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if " epoch 1/500: dev F1" in line:
+                epochs.add(line.split(" epoch ")[0].rsplit(" ", 1)[1])
+            if len(epochs) == 2:  # both trials are training
+                break
+        assert epochs == {"0", "1"}, "both trials train at once"
+        trainers = descendants(proc.pid)
+        assert len(trainers) >= 4  # two dvc runs, each with a stage shell and its python
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=180)[1]
+        assert proc.returncode == 130, rest[-2000:]
+        assert "tune interrupted; run it again to continue" in rest
+        assert not [pid for pid in trainers if alive(pid)]
+        report = json.loads((root / "reports" / "tune.json").read_text())
+        assert [(t["state"], t["experiment"]) for t in report["trials"]] == [("FAIL", None)] * 2
+        assert all("the tuner was interrupted" in t["error"] for t in report["trials"])
+        assert not {"stopped-0", "stopped-1"} & set(experiments(json.loads(run(
+            ["dvc", "exp", "show", "--json"], root, env).stdout)))
+    finally:
+        if proc.poll() is None:  # the test failed with the tuner still running
+            for pid in descendants(proc.pid) | {proc.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        run(["git", "checkout", "params.yaml"], root, env)
 
 
 @pytest.mark.parametrize(("space", "message"), [

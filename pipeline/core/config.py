@@ -217,6 +217,7 @@ class TuneConfig(SectionConfig):
     timeout: NonNegativeInt = 0            # seconds of one run after which no new trial starts (0: none)
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    jobs: PositiveInt = 2                  # trials at once; with train.threads 0 each trains on cores // jobs threads
     startup_trials: NonNegativeInt = 5     # random trials before TPE models; finished trials before median prunes
     min_epochs: PositiveInt = 1            # epochs every trial runs before the pruner may stop it
     seed: int = 13                         # the sampler's seed (each trial trains with the top-level seed)

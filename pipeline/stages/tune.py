@@ -15,13 +15,15 @@ from pipeline.core.config import TuneConfig
 from pipeline.core.errors import ParamsError
 from pipeline.tuning.report import apply_command, best_trial, write_plots, write_report
 from pipeline.tuning.study import StudySetup, run_study
+from pipeline.tuning.trial import RUNNING
 
 log = logging.getLogger(__name__)
 
 
 def main(params: dict[str, Any], trials: int | None = None, timeout: int | None = None,
          params_file: str = "params.yaml") -> None:
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the running experiment stops with the tuner
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the running experiments stop with the tuner
+        signal.signal(sig, _interrupt)
     conf = TuneConfig.from_params(params)
     conf = conf.model_copy(update={k: v for k, v in (("trials", trials), ("timeout", timeout)) if v is not None})
     paths, root = params["paths"], Path.cwd()
@@ -61,4 +63,7 @@ def _ignored(root: Path, encoder: str) -> tuple[str, ...]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM: stop every running trial's experiment first (trials side by side run in Optuna's worker
+    threads, which never see the interrupt), then unwind."""
+    RUNNING.stop_all()
     raise KeyboardInterrupt

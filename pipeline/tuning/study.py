@@ -10,6 +10,8 @@ imported lazily (``pip install ".[tune]"``). Torch-free.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -70,6 +72,14 @@ class StudySetup:
     def distributions(self, optuna: Any) -> dict[str, Any]:
         return {k: distribution(optuna, d, self.train[k]) for k, d in self.config.space.items()}
 
+    def fixed(self) -> dict[str, str]:
+        """Overrides every trial gets: with ``tune.jobs`` > 1 trials side by side, each its share of the cores
+        (``train.threads``), unless params.yaml sets the threads or the space searches them."""
+        jobs = self.config.jobs
+        if jobs == 1 or "threads" in self.config.space or number(self.train.get("threads", 0)):
+            return {}
+        return {self.key("threads"): str(max(1, len(os.sched_getaffinity(0)) // jobs))}
+
 
 def storage_url(storage: str, root: Path) -> str:
     """``reports/tune.db`` -> ``sqlite:////abs/reports/tune.db`` (folder created); a URL stays as it is."""
@@ -98,7 +108,8 @@ def make_sampler(optuna: Any, conf: TuneConfig, seed: int) -> Any:
         return optuna.samplers.GridSampler({k: list(d.choices) for k, d in conf.space.items()}, seed=seed)
     if conf.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=conf.startup_trials)
+    # with trials side by side, the running ones count as scored at their worst so TPE draws elsewhere
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=conf.startup_trials, constant_liar=conf.jobs > 1)
 
 
 def make_pruner(optuna: Any, conf: TuneConfig, epochs: int) -> Any:
@@ -158,7 +169,8 @@ def run_study(setup: StudySetup, on_trial: Callable[[Any], None] | None = None) 
     """Run trials until the study holds ``tune.trials`` finished ones (or ``tune.timeout`` passes); the study.
 
     ``on_trial(study)`` runs after every trial (the report). A trial that fails is recorded FAIL and the study
-    goes on, unless ``MAX_FAILURES_IN_A_ROW`` fail one after another.
+    goes on, unless ``MAX_FAILURES_IN_A_ROW`` fail one after another. ``tune.jobs`` trials run at once (Optuna's
+    worker threads; each trial's training is a process of its own).
     """
     optuna, conf = import_optuna(), setup.config
     if not (setup.root / ".dvc").is_dir():
@@ -170,23 +182,25 @@ def run_study(setup: StudySetup, on_trial: Callable[[Any], None] | None = None) 
         log.info("study %s holds %d finished trials already (tune.trials: %d): raise it to run more",
                  conf.study, done, conf.trials)
         return study
-    log.info("study %s: %d finished trials, running %d more (sampler %s, pruner %s, storage %s)",
-             conf.study, done, left, conf.sampler, conf.pruner, conf.storage)
+    log.info("study %s: %d finished trials, running %d more, %d at once (sampler %s, pruner %s, storage %s)",
+             conf.study, done, left, conf.jobs, conf.sampler, conf.pruner, conf.storage)
     failures: list[str] = []
+    lock = threading.Lock()  # trials end in worker threads: one report at a time
 
     def after(study: Any, frozen: Any) -> None:
-        if frozen.state.name == "FAIL":
-            failures.append(str(frozen.user_attrs.get("error", "interrupted")))
-        else:
-            failures.clear()
-        if len(failures) >= MAX_FAILURES_IN_A_ROW:
-            study.stop()
-        if on_trial:
-            on_trial(study)
+        with lock:
+            if frozen.state.name == "FAIL":
+                failures.append(str(frozen.user_attrs.get("error", "interrupted")))
+            else:
+                failures.clear()
+            if len(failures) >= MAX_FAILURES_IN_A_ROW:
+                study.stop()
+            if on_trial:
+                on_trial(study)
 
     objective = Objective(setup, optuna, total=conf.trials)
-    study.optimize(objective, n_trials=left, timeout=conf.timeout or None, catch=(ExperimentError,),
-                   callbacks=[after])
+    study.optimize(objective, n_trials=left, timeout=conf.timeout or None, n_jobs=conf.jobs,
+                   catch=(ExperimentError,), callbacks=[after])
     if len(failures) >= MAX_FAILURES_IN_A_ROW:
         raise TuneError(f"{len(failures)} trials failed in a row; the last: {failures[-1]}")
     return study
@@ -224,7 +238,7 @@ class Objective:
                      ", pruned" if stop else "")
             return stop
 
-        run = TrialRun(setup.root, name, {setup.key(k): override(v) for k, v in values.items()},
+        run = TrialRun(setup.root, name, {setup.key(k): override(v) for k, v in values.items()} | setup.fixed(),
                        copy_paths=setup.copy_paths, targets=(setup.target(),), env=setup.env)
         try:
             commit = run_trial(run, on_epoch)

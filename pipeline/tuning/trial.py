@@ -9,7 +9,9 @@ the dev F1 to ``on_epoch``; when that says stop, the processes DVC started for t
 the stage fail, records nothing (no experiment ref, no dvc.lock, and the
 train stage never enters the run cache: its ``persist`` checkpoint folder rules that out) and removes its
 temp copy. So a pruned trial leaves no truncated model that ``dvc exp apply``, ``dvc repro`` or a later
-``dvc exp run`` could pick up. Torch-free: training happens in the stage process DVC starts.
+``dvc exp run`` could pick up. Trials may run side by side (``tune.jobs``, the cores split between them); ``RUNNING`` knows
+their experiments, so an interrupted tuner stops them all (``stop_running``). Torch-free: training happens in the
+stage process DVC starts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,36 @@ log = logging.getLogger(__name__)
 
 #: Seconds a stopped experiment gets to exit on SIGINT before its process group is killed.
 STOP_GRACE_S = 60
+
+
+class RunningExperiments:
+    """The DVC processes of the trials running now (several with ``tune.jobs`` > 1)."""
+
+    def __init__(self) -> None:
+        self._pids: set[int] = set()
+        self._lock = threading.Lock()
+        self.interrupted = False
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            self._pids.add(pid)
+
+    def discard(self, pid: int) -> None:
+        with self._lock:
+            self._pids.discard(pid)
+
+    def stop_all(self) -> None:
+        """Stop every running experiment's stage (the tuner was interrupted): their trials end as failed."""
+        with self._lock:
+            self.interrupted = True
+            pids = list(self._pids)
+        for pid in pids:
+            _kill_stage(pid)
+
+
+#: One per process, as signals are: the tune command's SIGINT/SIGTERM handler calls ``RUNNING.stop_all()``
+#: before it raises, since Optuna's worker threads never see the interrupt (their trials would run to the end).
+RUNNING = RunningExperiments()
 
 
 @dataclass(frozen=True)
@@ -62,9 +94,12 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
     if _exists(run.root, run.name):
         raise ExperimentError(f"experiment {run.name} exists already (from a study of the same name whose storage "
                               f"is gone?): dvc exp remove {run.name}, or choose another tune.study")
+    if RUNNING.interrupted:
+        raise ExperimentError(f"dvc exp run {run.name}: not started, the tuner was interrupted")
     tail: deque[str] = deque(maxlen=30)
     proc = subprocess.Popen(run.command(), cwd=run.root, env=dvc_env(run.env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    RUNNING.add(proc.pid)
     killer = threading.Timer(STOP_GRACE_S, _signal_group, (proc, signal.SIGKILL))
     stopped = False
 
@@ -89,12 +124,15 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
         proc.wait()
         raise
     finally:
+        RUNNING.discard(proc.pid)
         killer.cancel()
         proc.stdout.close()  # type: ignore[union-attr]
     if proc.returncode == 0 or (stopped and _exists(run.root, run.name)):  # finished before the signal landed
         return experiment_commit(run.root, run.name)
     if stopped:
         return None
+    if RUNNING.interrupted:
+        raise ExperimentError(f"dvc exp run {run.name}: stopped, the tuner was interrupted")
     raise ExperimentError(f"dvc exp run {run.name} exited {proc.returncode}: " + " | ".join(
         t.strip() for t in list(tail)[-8:] if t.strip()))
 
