@@ -120,6 +120,7 @@ def main() -> None:
             log.info("%s seed %d: test F1 %.4f", name, seed, metrics["f1"])
             write_json(args.out, report())
     result = report()
+    write_json(args.out, result)  # also when every run was reused
     log.info("test F1 default %.4f ± %.4f, tuned %.4f ± %.4f: %+.2f points against a spread of %.2f",
              result["test_f1"]["default"]["mean"], result["test_f1"]["default"]["std"],
              result["test_f1"]["tuned"]["mean"], result["test_f1"]["tuned"]["std"],

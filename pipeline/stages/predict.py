@@ -30,6 +30,9 @@ def main(params: dict[str, Any]) -> None:
     if conf.engine == "ray":  # the actors load the model; here only what it says about itself
         model: Any = ModelCard.read(model_dir, conf.quantized)
         model_sha = file_sha256(model.onnx_path)
+        # every actor loads the graph hashed here (the int8 one picked by this CPU), whatever its own CPU: one run,
+        # one graph, and the resume key names what produced every shard
+        make_runtime = partial(make_runtime, onnx_file=model.onnx_path.name)
         engine = ray_engine(make_runtime, conf.ray, {str(model.onnx_path.resolve()): model_sha})
     else:
         model = make_runtime(threads=conf.threads)
