@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
+from pipeline.tuning.trial import descendants
 from tests.conftest import fresh_shell, run
 from tests.test_dvc_experiments import experiments
 from tests.test_loop import templated_tasks
@@ -149,20 +150,6 @@ def test_a_study_runs_experiments_resumes_and_prunes_without_touching_the_worksp
     run(resumed["apply"].split(), root, env)
     applied = yaml.safe_load((root / "params.yaml").read_text())["train"]
     assert {k: applied[k] for k in best["params"]} == best["params"]
-
-
-def descendants(pid: int) -> set[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def alive(pid: int) -> bool:

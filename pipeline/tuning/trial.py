@@ -9,9 +9,9 @@ the dev F1 to ``on_epoch``; when that says stop, the processes DVC started for t
 the stage fail, records nothing (no experiment ref, no dvc.lock, and the
 train stage never enters the run cache: its ``persist`` checkpoint folder rules that out) and removes its
 temp copy. So a pruned trial leaves no truncated model that ``dvc exp apply``, ``dvc repro`` or a later
-``dvc exp run`` could pick up. Trials may run side by side (``tune.jobs``, the cores split between them); ``RUNNING`` knows
-their experiments, so an interrupted tuner stops them all (``stop_running``). Torch-free: training happens in the
-stage process DVC starts.
+``dvc exp run`` could pick up. Trials may run side by side (``tune.jobs``, the cores split between them):
+``RUNNING`` knows their experiments, so an interrupted tuner stops them all (``RUNNING.stop_all()``). Torch-free:
+training happens in the stage process DVC starts.
 """
 
 from __future__ import annotations
@@ -140,6 +140,15 @@ def run_trial(run: TrialRun, on_epoch: Callable[[int, float], bool]) -> str | No
 def _kill_stage(dvc_pid: int) -> None:
     """SIGKILL the processes DVC started (the stage's shell and python): DVC sees the stage fail, records nothing
     and removes its temp copy. (SIGINT is not enough: a stage saving or training may not stop for a minute.)"""
+    for pid in descendants(dvc_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...), from ``/proc``."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -147,15 +156,11 @@ def _kill_stage(dvc_pid: int) -> None:
         except OSError:
             continue
         parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {dvc_pid}
+    found, frontier = set(), {pid}
     while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
