@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.tuning.trial import descendants
 from tests.conftest import VENV_BIN, run
 from tests.test_readme import command, fresh_shell
 
@@ -62,20 +63,38 @@ def test_a_bad_export_under_dvc_repro_keeps_the_last_conll_and_report(project):
     assert snapshot(root, paths["conll_dir"], paths["convert_report"]) == before
 
 
+def predict_command_alive(dvc_pid: int) -> bool:
+    """Whether the stage command ``python -m pipeline predict`` that DVC started is running."""
+    for pid in descendants(dvc_pid):
+        try:
+            if b"pipeline\0predict" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_kill_9_of_dvc_repro_predict_keeps_the_last_predictions(project):
     root, env, paths = project
     before = snapshot(root, paths["predictions"])
-    proc = subprocess.Popen([".venv/bin/dvc", "repro", "-f", "predict"], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    seen = []
-    for line in proc.stdout:  # DVC has removed non-persistent outputs by the time it names the stage
-        seen.append(line)
-        if "Running stage 'predict'" in line:
-            break
-    time.sleep(1.0)
+    work = (root / paths["predictions"]).with_name(f".{Path(paths['predictions']).name}.partial")
+    log = root.parent / "repro.log"  # a file, not a pipe: nothing blocks on a full pipe while the test waits
+    with log.open("w") as out:
+        proc = subprocess.Popen([".venv/bin/dvc", "repro", "-f", "predict"], cwd=root, env=env, text=True,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # kill while predict is writing: its command alive, a shard in its work folder. Not after a fixed sleep: on the
+    # tiny test model the command takes well under a second, and a kill while DVC rewrites dvc.lock (in place) is
+    # the other case, which the README covers with `git checkout -- dvc.lock`
+    while proc.poll() is None and "Running stage 'predict'" not in log.read_text():
+        time.sleep(0.05)  # DVC has removed non-persistent outputs by the time it names the stage
+    mid_write = False
+    while proc.poll() is None and not mid_write:
+        mid_write = predict_command_alive(proc.pid) and work.is_dir() and any(work.iterdir())
+        if not mid_write:
+            time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert any("Running stage 'predict'" in line for line in seen), "".join(seen)
+    assert mid_write, "predict finished before it could be killed mid-write:\n" + log.read_text()
     assert snapshot(root, paths["predictions"]) == before
 
     # run it again from the same fresh shell: it completes. Forced, because the killed run left the outputs as they
