@@ -178,6 +178,10 @@ def test_a_running_service_serves_a_promotion_or_rollback_without_a_signal(pipel
         # a version folder that does not load is tried once, logged, and the served model stays
         (registry.root / registry.get("forced-word-pairs")["folder"] / "crf.json").write_text("{broken")
         registry.promote("forced-word-pairs", reason="broken")
-        time.sleep(3)
+        deadline = time.monotonic() + 30  # wait for the reload attempt, not a fixed time
+        while "changed but did not load" not in svc.log_tail(100_000):
+            assert time.monotonic() < deadline, svc.log_tail()
+            time.sleep(0.2)
+        time.sleep(1)  # a second look (the reload interval is shorter) must not try it again
         assert client.get("/v1/model").json()["model_version"] == first
         assert svc.log_tail(100_000).count("changed but did not load") == 1
