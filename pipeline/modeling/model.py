@@ -20,6 +20,8 @@ from transformers import BertConfig, BertModel
 
 from pipeline.core.encoding import DEFAULT_WINDOW_OVERLAP
 from pipeline.core.errors import ModelLoadError
+from pipeline.modeling import attention
+from pipeline.modeling.dropout import use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,9 @@ class BertBiLstmCrf(nn.Module):
         self.lstm = LengthAwareBiLSTM(encoder_config.hidden_size, head.lstm_hidden, head.lstm_layers, head.dropout)
         self.classifier = nn.Linear(2 * head.lstm_hidden, head.num_tags)
         self.crf = CRF(head.num_tags, batch_first=True)
+        # CPU training: dropout at a quarter of the random draws, in the encoder's attention too
+        use_fast_dropout(self)
+        self.bert.set_attn_implementation(attention.NAME)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_index: torch.Tensor,
                 word_mask: torch.Tensor) -> torch.Tensor:
