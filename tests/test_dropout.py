@@ -57,4 +57,3 @@ def test_the_model_uses_it_everywhere_and_training_attention_is_sdpa_without_dro
         got = model.bert.train()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(got[0], expected[0], atol=1e-5)
     assert torch.allclose(got[1, :3], expected[1, :3], atol=1e-5)  # padding masked on the training path too
-

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.labelstudio.shards import work_dir
 from pipeline.tuning.trial import descendants
 from tests.conftest import VENV_BIN, run
 from tests.test_readme import command, fresh_shell
@@ -77,7 +78,7 @@ def predict_command_alive(dvc_pid: int) -> bool:
 def test_kill_9_of_dvc_repro_predict_keeps_the_last_predictions(project):
     root, env, paths = project
     before = snapshot(root, paths["predictions"])
-    work = (root / paths["predictions"]).with_name(f".{Path(paths['predictions']).name}.partial")
+    work = work_dir(root / paths["predictions"])
     log = root.parent / "repro.log"  # a file, not a pipe: nothing blocks on a full pipe while the test waits
     with log.open("w") as out:
         proc = subprocess.Popen([".venv/bin/dvc", "repro", "-f", "predict"], cwd=root, env=env, text=True,
@@ -102,7 +103,7 @@ def test_kill_9_of_dvc_repro_predict_keeps_the_last_predictions(project):
     again = dvc(root, env, "repro", "-f", "predict")
     assert again.returncode == 0, again.stdout + again.stderr
     assert snapshot(root, paths["predictions"]) == before  # same model, same tasks: same shards and manifest
-    assert not (root / paths["predictions"]).with_name(f".{Path(paths['predictions']).name}.partial").exists()
+    assert not work.exists()
 
 
 def test_after_a_failed_train_dvc_checkout_brings_the_last_model_back(project):
