@@ -146,6 +146,18 @@ def test_entity_offsets_are_exact_code_point_slices(pipeline_run, monkeypatch, t
             assert e.text == text[e.start:e.end] and e.label == "person" and 0.0 <= e.score <= 1.0
 
 
+def test_the_runtime_stops_spinning_when_its_calls_return(pipeline_run):
+    """An idle runtime (the service between requests, a loop waiting for jobs) must not keep its ONNX Runtime
+    threads spin-waiting for work that is not coming: on a small box they hold the cores the event loop needs."""
+    from pipeline.runtime.inference import NerRuntime
+
+    for quantized in (False, True):
+        runtime = NerRuntime(pipeline_run.path("onnx_dir"), quantized=quantized, threads=2)
+        options = runtime.session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == 2
+
+
 def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     import onnx
     import onnxruntime as ort

@@ -50,8 +50,16 @@ OPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
 def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
-    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph."""
+    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph, and
+    no spinning between calls.
+
+    ONNX Runtime's pool threads spin-wait inside a call (fast hand-offs between kernels) and, by default, for a
+    while after it. ``session.force_spinning_stop`` ends that spin when the last concurrent call returns, so an
+    idle runtime burns no CPU and, in the service, the event loop and the batcher get the cores between calls:
+    on 2 cores (AMD EPYC, AVX2) it cut the batcher + ONNX Runtime CPU per answered request by ~20% and raised
+    32-client throughput in every paired run (README, "Serving"), while batched calls kept their speed."""
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
