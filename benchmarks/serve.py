@@ -16,7 +16,8 @@ in-process way says what the calls' make-up costs. The batched server runs as
 extra installs); the same server on asyncio + h11 (``--event-loop asyncio
 --http h11``, what runs without the extra) is driven at the top concurrency
 level too, so the ratio says whether the default pays on the machine at
-hand. Writes
+hand; and so is the batched server with ONNX Runtime's threads spinning after each call
+(``NER_ORT_SPIN_AFTER_CALL=1``; by default they stop when a call returns). Writes
 benchmarks/results/serve.json.
 
     .venv/bin/python benchmarks/serve.py                      # after `make repro`
@@ -255,6 +256,8 @@ def main() -> None:
                              Path(tmp))
         plain_io = run_server("batched_asyncio_h11", model_dir, batching, bodies, [int(top)], args.requests,
                               args.max_seconds, Path(tmp), ["--event-loop", "asyncio", "--http", "h11"])
+        spinning = run_server("batched_spin_after_call", model_dir, {**batching, "NER_ORT_SPIN_AFTER_CALL": "1"},
+                              bodies, [int(top)], args.requests, args.max_seconds, Path(tmp))
         unbatched = run_server("no_batching", model_dir, {**common, "NER_MAX_BATCH_SIZE": "1", "NER_MAX_WAIT_MS": "0",
                                                           "NER_ONNX_BATCH_SIZE": "1"},
                                bodies, args.clients, args.requests, args.max_seconds, Path(tmp))
@@ -282,8 +285,11 @@ def main() -> None:
             in_process[reference]["sentences_per_s"] / unbatched[top]["requests_per_s"], 2),
         f"{top}_clients_default_io_vs_asyncio_h11": round(
             batched[top]["requests_per_s"] / plain_io[top]["requests_per_s"], 2),
+        f"{top}_clients_default_vs_spin_after_call": round(
+            batched[top]["requests_per_s"] / spinning[top]["requests_per_s"], 2),
     }
-    errors = sum(r["errors"] for r in (*batched.values(), *unbatched.values(), *plain_io.values()))
+    errors = sum(r["errors"] for r in (*batched.values(), *unbatched.values(), *plain_io.values(),
+                                       *spinning.values()))
     report = {
         "model_dir": str(model_dir),
         "quantized": args.quantized,
@@ -302,6 +308,7 @@ def main() -> None:
         "in_process_at_the_server_call_size": {same_calls: at_call_size},
         "batched": batched,
         "batched_asyncio_h11": plain_io,
+        "batched_spin_after_call": spinning,
         "no_batching": unbatched,
         "ratios": ratios,
         "targets": {"errors": 0, "vs_in_process": TARGET_VS_IN_PROCESS, "vs_no_batching": TARGET_VS_NO_BATCHING,

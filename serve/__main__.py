@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, default=None, help=f"${env}; default {getattr(defaults, name)}")
     parser.add_argument("--quantized", action="store_true", default=None,
                         help="serve model.int8.onnx ($NER_QUANTIZED=1)")
+    parser.add_argument("--ort-spin-after-call", action="store_true", default=None,
+                        help="ONNX Runtime's threads keep spinning after each call ($NER_ORT_SPIN_AFTER_CALL=1): "
+                             "a shorter tail for small requests beside a bulk one, less throughput (README)")
     parser.add_argument("--no-loop", action="store_true", default=None,
                         help="Start Training does nothing ($NER_LOOP=0); default: it trains a candidate (README)")
     for f in fields(ServerOptions):
@@ -157,6 +160,8 @@ def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
         os.environ[Settings.ENV["quantized"]] = "1"
     if args.no_loop:
         os.environ[Settings.ENV["loop"]] = "0"
+    if args.ort_spin_after_call:
+        os.environ[Settings.ENV["ort_spin_after_call"]] = "1"
     try:
         return Settings.from_env()  # a bad value stops here with one line, before uvicorn starts
     except ValueError as exc:

@@ -29,6 +29,9 @@ class Settings:
     bulk_chars: int = 10_000        # requests of more characters run in the bulk lane, beside the others (0: one lane)
     quantized: bool = False         # serve int8: the graph for this CPU (model.int8-avx2.onnx without VNNI)
     threads: int = 0                # ONNX Runtime intra-op threads (0: one per core)
+    # ONNX Runtime's threads keep spinning after each call: a shorter tail for one-tweet requests beside a bulk
+    # request, less throughput at 32 clients and a core held while idle (README, Serving)
+    ort_spin_after_call: bool = False
     params_file: Path = Path("params.yaml")  # the DVC workspace's params: the labelling loop trains with them
     loop: bool = True               # Start Training runs the labelling loop (needs params_file; README)
     public_url: str | None = None   # the URL Label Studio reaches this service at: its webhook then gets the key
@@ -41,7 +44,8 @@ class Settings:
            "max_batch_size": "NER_MAX_BATCH_SIZE", "max_wait_ms": "NER_MAX_WAIT_MS",
            "max_batch_tokens": "NER_MAX_BATCH_TOKENS",
            "onnx_batch_size": "NER_ONNX_BATCH_SIZE", "bulk_chars": "NER_BULK_CHARS",
-           "quantized": "NER_QUANTIZED", "threads": "NER_THREADS", "params_file": "NER_PARAMS",
+           "quantized": "NER_QUANTIZED", "threads": "NER_THREADS",
+           "ort_spin_after_call": "NER_ORT_SPIN_AFTER_CALL", "params_file": "NER_PARAMS",
            "loop": "NER_LOOP", "public_url": "NER_PUBLIC_URL", "reload_interval_s": "NER_RELOAD_INTERVAL_S"}
 
     def __post_init__(self) -> None:
@@ -77,7 +81,7 @@ def _parse(name: str, raw: str) -> Any:
         return Path(raw)
     if name in ("api_key", "public_url"):
         return raw
-    if name in ("quantized", "loop"):
+    if name in ("quantized", "loop", "ort_spin_after_call"):
         if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ValueError(raw)
         return raw.lower() in ("1", "true", "yes")

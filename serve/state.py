@@ -192,7 +192,8 @@ def load_runtime(model_dir: Path, settings: Settings) -> ServingRuntime:
                              "run the export stage first")
     try:
         runtime = ServingRuntime(model_dir, quantized=settings.quantized, threads=settings.ort_threads(),
-                                 batch_size=max(1, settings.onnx_batch_size))
+                                 batch_size=max(1, settings.onnx_batch_size),
+                                 spin_after_call=settings.ort_spin_after_call)
         runtime.predict(["warm up"])  # the first ONNX run builds kernels, and shows a graph that does not run
     except ModelLoadError:
         raise

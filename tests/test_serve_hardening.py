@@ -309,6 +309,26 @@ def test_a_bad_port_setting_is_one_line_without_a_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "NER_PORT" in proc.stderr, proc.stderr
 
 
+def test_onnx_runtime_threads_spin_after_a_call_only_when_asked(pipeline_run, monkeypatch):
+    """By default the served session stops its threads spinning when a call returns (the cores go to the event
+    loop); ``--ort-spin-after-call`` / ``NER_ORT_SPIN_AFTER_CALL`` keeps them spinning; a bad value is refused."""
+    from serve.__main__ import app_settings, build_parser
+    from serve.settings import Settings
+    from serve.state import load_runtime
+
+    def spin_stops(settings: Settings) -> str:
+        session = load_runtime(pipeline_run.path("onnx_dir"), settings).session
+        return session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+    monkeypatch.setenv("NER_ORT_SPIN_AFTER_CALL", "")  # recorded: app_settings below sets it, teardown undoes it
+    assert spin_stops(Settings.from_env({})) == "1"
+    assert spin_stops(Settings.from_env({"NER_ORT_SPIN_AFTER_CALL": "yes"})) == "0"
+    parser = build_parser()
+    assert app_settings(parser.parse_args(["--ort-spin-after-call"]), parser).ort_spin_after_call is True
+    with pytest.raises(ValueError, match="NER_ORT_SPIN_AFTER_CALL"):
+        Settings.from_env({"NER_ORT_SPIN_AFTER_CALL": "maybe"})
+
+
 def test_a_bad_http_parser_setting_is_one_line_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "NER_HTTP": "llhttp"})

@@ -49,17 +49,19 @@ INFO_FILE = "model_info.json"
 OPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
-def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
-    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph, and
-    no spinning between calls.
+def session_options(threads: int = 0, optimized: bool = False, spin_after_call: bool = False) -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (0: one per physical core), sequential graph, and no
+    spinning between calls unless ``spin_after_call``.
 
     ONNX Runtime's pool threads spin-wait inside a call (fast hand-offs between kernels) and, by default, for a
     while after it. ``session.force_spinning_stop`` ends that spin when the last concurrent call returns, so an
     idle runtime burns no CPU and, in the service, the event loop and the batcher get the cores between calls:
     on 2 cores (AMD EPYC, AVX2) it cut the batcher + ONNX Runtime CPU per answered request by ~20% and raised
-    32-client throughput in every paired run (README, "Serving"), while batched calls kept their speed."""
+    32-client throughput, while batched calls kept their speed. Threads that keep spinning stay ready for the
+    next call instead: one-tweet requests beside a long request's windows kept a shorter tail that way
+    (``spin_after_call``; README, "Serving")."""
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "0" if spin_after_call else "1")
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -139,7 +141,8 @@ class NerRuntime:
     """An exported model folder loaded for inference."""
 
     def __init__(self, model_dir: str | Path, *, quantized: bool = False, threads: int = 0,
-                 max_tokens: int = 512, batch_size: int = 32, onnx_file: str | None = None) -> None:
+                 max_tokens: int = 512, batch_size: int = 32, onnx_file: str | None = None,
+                 spin_after_call: bool = False) -> None:
         self.model_dir = Path(model_dir)
         card = ModelCard.read(self.model_dir, quantized, onnx_file)
         onnx_path = card.onnx_path
@@ -155,7 +158,8 @@ class NerRuntime:
         self.window_overlap = float(self.info.get("window_overlap", DEFAULT_WINDOW_OVERLAP))  # as trained
         self.batch_size = batch_size
         self.onnx_path = onnx_path
-        options = session_options(threads, optimized=bool(self.info.get("graph_optimized")))
+        options = session_options(threads, optimized=bool(self.info.get("graph_optimized")),
+                                  spin_after_call=spin_after_call)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         if quantized and onnx_file is None:
             self._say_which_int8()
