@@ -83,6 +83,7 @@ class ExportConfig(SectionConfig):
     opset: PositiveInt = 17
     max_abs_diff: float = Field(1e-4, gt=0)  # parity tolerance vs PyTorch emissions
     fuse: bool = True
+    split_layer_norms: bool = True  # the served graphs' SkipLayerNormalization as plain ops (faster on CPU)
     quantize: bool = True
     int8_blockwise: tuple[str, ...] = INT8_SENSITIVE
     int8_block_size: PositiveInt = 128

@@ -9,7 +9,9 @@ Both served files are optimized here, once: the fp32 graph gets attention,
 LayerNorm and GELU fused (``onnxruntime.transformers``), and both pass
 through ONNX Runtime's graph optimizer and are saved as optimized. The
 runtime loads them with optimizations off, so what it serves is exactly the
-graph that the parity and F1 checks below ran on.
+graph that the parity and F1 checks below ran on. Last, each fused
+LayerNorm is written out as plain ops (``pipeline.modeling.layernorm``):
+ONNX Runtime's CPU LayerNorm kernels run ~3x slower than those.
 
 int8 is mixed and quantizes the fused graph, so attention stays one
 ``QAttention`` kernel and the LSTM becomes ``DynamicQuantizeLSTM``.
@@ -56,6 +58,7 @@ from pipeline.core.encoding import load_tokenizer
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import score
 from pipeline.modeling.data import collate, make_examples
+from pipeline.modeling.layernorm import split_layer_norms
 from pipeline.modeling.model import LABELS, BertBiLstmCrf, load_model
 from pipeline.runtime.inference import (
     CRF_FILE,
@@ -118,6 +121,12 @@ def optimize_for_cpu(src: Path, dst: Path) -> None:
     options.graph_optimization_level = OPTIMIZED_LEVEL
     options.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+def optimize_for_serving(src: Path, dst: Path, split: bool) -> int:
+    """``optimize_for_cpu``, then (``split``) each fused LayerNorm as plain ops; returns how many were split."""
+    optimize_for_cpu(src, dst)
+    return split_layer_norms(dst, dst) if split else 0
 
 
 def calibration_feeds(model: BertBiLstmCrf, sentences: list[Sentence], model_dir: Path,
@@ -330,7 +339,7 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
             fp32_src = work / "fused.onnx"
             bert = model.bert.config
             metrics["fused_ops"] = fuse_transformer(raw, fp32_src, bert.num_attention_heads, bert.hidden_size)
-        optimize_for_cpu(fp32_src, out / MODEL_FILE)
+        metrics["split_layer_norms"] = optimize_for_serving(fp32_src, out / MODEL_FILE, config.split_layer_norms)
         (out / CRF_FILE).write_text(json.dumps(crf_dict(model, labels["tags"])) + "\n")
         (out / LABELS).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
         for name in TOKENIZER_FILES:
@@ -363,7 +372,7 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
             typed, smoothing = prepare_int8(fp32_src, work, config.int8_smooth, feeds)
             for name, key, scheme in int8_graphs(config):
                 figures = {"int8_scheme": {**quantize_int8(typed, work / "int8.onnx", work, **scheme), **smoothing}}
-                optimize_for_cpu(work / "int8.onnx", out / name)
+                optimize_for_serving(work / "int8.onnx", out / name, config.split_layer_norms)
                 int8 = NerRuntime(out, threads=config.threads, onnx_file=name)
                 figures.update(int8_figures(runtime, int8, dev, test, labels["scheme"]))
                 figures["int8_mb"] = round((out / name).stat().st_size / 2**20, 2)
