@@ -12,15 +12,9 @@ strongest ``Trainer`` setting (``train_sampling_strategy="group_by_length"``,
 its ``LengthGroupedSampler``): it pads little too, so it is the one to beat.
 Writes benchmarks/results/train.json.
 
-``--compile`` adds ``train.compile`` (the encoder under ``torch.compile``), measured where it pays: whole
-epochs of the real stage's model, data and optimizer after a first epoch that compiles, eager and compiled
-in turn on the same batches (``compile`` in the JSON: the first epoch's seconds, each side's steady epochs,
-the ratio). A one-epoch cold start would be mostly compiling.
-
     .venv/bin/python benchmarks/train.py                    # after `dvc repro convert`
     .venv/bin/python benchmarks/train.py --sentences 256 --repeats 1
     .venv/bin/python benchmarks/train.py --device cuda      # on a GPU machine
-    .venv/bin/python benchmarks/train.py --compile --repeats 1
 """
 
 from __future__ import annotations
@@ -45,9 +39,7 @@ from pipeline.core.conll import read_conll, write_conll
 from pipeline.core.cpu import cpu_info
 from pipeline.core.encoding import load_tokenizer, word_pieces
 from pipeline.core.params import load_params
-from pipeline.modeling.data import bucket_batches, collate
-from pipeline.modeling.optim import build_optimizer
-from pipeline.modeling.train import Objective, TrainConfig, compile_encoder, prepare, train
+from pipeline.modeling.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.train")
@@ -102,56 +94,12 @@ def run_hf(sentences: list, tags: list[str], encoder: Path, config: TrainConfig,
     return time.perf_counter() - start
 
 
-def compiled_epochs(conll: Path, encoder: Path, config: TrainConfig, rounds: int) -> dict:
-    """Steady training epochs, eager vs ``train.compile``: two copies of the stage's model on the same batches,
-    one with its encoder compiled, the order swapped every round after one compiling epoch."""
-    device = torch.device(config.device)
-    torch.set_flush_denormal(True)  # as the train stage does
-    sides = {}
-    for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        model, data = prepare(conll, encoder, config, device)
-        if name == "compiled":
-            compile_encoder(model, device)
-        model.train()
-        optimizer = build_optimizer(model, lr_encoder=config.lr_encoder, lr_head=config.lr_head,
-                                    lr_crf=config.lr_crf, weight_decay=config.weight_decay)
-        sides[name] = (Objective(model), optimizer)
-    batches = [collate([data.train_ex[i] for i in ids], data.specials.pad)
-               for ids in bucket_batches(data.train_ex, config.batch_size, random.Random(0))]
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-
-    def epoch(name: str) -> float:
-        objective, optimizer = sides[name]
-        start = time.perf_counter()
-        for batch in batches:
-            objective(**{k: v.to(device) for k, v in batch.items()}).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    first = {name: epoch(name) for name in sides}  # the compiled side compiles here
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for r in range(rounds):
-        for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-            times[name].append(epoch(name))
-    pairs = [e / c for e, c in zip(times["eager"], times["compiled"])]
-    return {"tokens": tokens, "first_epoch_s": first, "epoch_s": times,
-            "tokens_per_s": {name: tokens / min(t) for name, t in times.items()},
-            "ratio_compiled_vs_eager": min(times["eager"]) / min(times["compiled"]),
-            "ratio_compiled_vs_eager_median": sorted(pairs)[len(pairs) // 2],
-            "compile_overhead_s": first["compiled"] - min(times["compiled"])}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure train.compile: steady epochs of eager vs compiled encoder")
-    parser.add_argument("--compile-rounds", type=int, default=4)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
@@ -182,7 +130,6 @@ def main() -> None:
                 seconds = runners[name](run_dir)
                 results[name].append(seconds)
                 log.info("%s round %d: %.1f s, %.0f tokens/s", name, round_ + 1, seconds, tokens / seconds)
-        compiled = compiled_epochs(work / "conll", encoder, config, args.compile_rounds) if args.compile else None
     best = {name: min(times) for name, times in results.items()}
     report = {
         "what": "training tokens/s, one epoch from a cold start, best of rounds",
@@ -195,11 +142,6 @@ def main() -> None:
         "ratio_ours_vs_hf_trainer_group_by_length": best["hf_trainer_group_by_length"] / best["ours"],
         "targets": {"ratio_ours_vs_hf_trainer": 1.4, "ratio_ours_vs_hf_trainer_group_by_length": 1.0},
     }
-    if compiled:
-        report["compile"] = compiled
-        log.info("train.compile: steady epochs %.2fx eager (median of pairs %.2fx); compiling cost %.0f s",
-                 compiled["ratio_compiled_vs_eager"], compiled["ratio_compiled_vs_eager_median"],
-                 compiled["compile_overhead_s"])
     write_json(args.out, report)
     log.info("ours %.0f tokens/s vs HF Trainer %.0f (%.2fx, target 1.4x) and Trainer group_by_length %.0f "
              "(%.2fx, target 1.0x) -> %s", report["tokens_per_s"]["ours"], report["tokens_per_s"]["hf_trainer"],

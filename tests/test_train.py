@@ -16,8 +16,7 @@ from pipeline.core.tags import allowed_transitions, first_violation, tag_names
 from pipeline.modeling.data import make_examples
 from pipeline.modeling.model import FORBIDDEN_SCORE, HeadConfig, build_model
 from pipeline.modeling.optim import build_optimizer, build_scheduler
-from pipeline.modeling.train import (TrainConfig, autocast_dtype, check_tag_sequences, compile_encoder,
-                                     cpu_bf16_lstm_works, train)
+from pipeline.modeling.train import TrainConfig, autocast_dtype, check_tag_sequences, cpu_bf16_lstm_works, train
 from tests.conftest import make_train_project
 
 TAGS = tag_names(["PER", "LOC"], "BIO")
@@ -251,40 +250,3 @@ print(json.dumps(opened))
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"train.conll": 1, "dev.conll": 1}
-
-
-def test_a_compiled_encoder_trains_saves_and_computes_what_the_eager_one_does(tmp_path, tiny_encoder, monkeypatch):
-    """``train.compile``: the run ends with a model folder that loads as any other (parameter names unchanged by
-    the in-place compile), and the compiled encoder's emissions and gradients are the eager ones."""
-    from pipeline.core.conll import read_conll
-    from pipeline.modeling.data import collate
-    from pipeline.modeling.model import load_model
-
-    params = make_train_project(tmp_path, tiny_encoder, 40, epochs=1, batch_size=8, lstm_hidden=8, threads=1,
-                                compile=True)
-    monkeypatch.chdir(tmp_path)
-    summary = train("data/conll", tiny_encoder, "models/best", "dvclive/train",
-                    TrainConfig.from_params(params["train"]), 0)
-    assert summary["best_epoch"] == 1
-    eager, labels = load_model("models/best")
-    compiled, _ = load_model("models/best")
-    compile_encoder(compiled, torch.device("cpu"))
-    tokenizer, specials = load_tokenizer(tiny_encoder)
-    sentences = list(read_conll("data/conll/dev.conll"))[:6]
-    tag_ids = {t: i for i, t in enumerate(labels["tags"])}
-    batch = collate(make_examples(sentences, tokenizer, specials, tag_ids, 64, 0.5), specials.pad)
-    inputs = [batch[k] for k in ("input_ids", "attention_mask", "word_index", "word_mask")]
-    grads = []
-    for model in (eager, compiled):  # eval mode: no dropout draws, so the two must agree
-        emissions = model(*inputs)
-        model.loss(emissions, batch["tags"], batch["word_mask"]).backward()
-        grads.append((emissions.detach(), model.bert.encoder.layer[0].attention.self.query.weight.grad.clone()))
-    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)
-
-
-def test_compiling_on_cpu_without_a_compiler_is_refused_before_any_work(tiny_encoder, monkeypatch):
-    model = build_model(tiny_encoder, HeadConfig(num_tags=3), pretrained=False)
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
-    with pytest.raises(ParamsError, match="train.compile: torch.compile on CPU needs a C\\+\\+ compiler"):
-        compile_encoder(model, torch.device("cpu"))

@@ -7,9 +7,7 @@ import functools
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -81,7 +79,6 @@ class TrainConfig:
     constrain_transitions: bool = True  # forbid transitions the tag scheme rules out (O -> I-X in BIO)
     window_overlap: float = DEFAULT_WINDOW_OVERLAP  # sub-tokens shared by windows of long texts; saved with the model
     init_from: str = ""         # a trained model folder (models/best) to start from: a warm start; "": the encoder
-    compile: bool = False       # torch.compile the encoder: faster steps after a minute of compiling (long runs)
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> TrainConfig:
@@ -141,20 +138,6 @@ def cpu_bf16_lstm_works() -> bool:
         log.debug("bf16 LSTM probe failed on %s: %s", cpu.describe(), exc)
         return False
     return True
-
-
-def compile_encoder(model: BertBiLstmCrf, device: torch.device) -> None:
-    """``train.compile``: compile the encoder in place (``nn.Module.compile``; parameter names unchanged), for
-    any sequence length (``dynamic=True``: one graph, not one per bucket). Only the encoder: the CRF's loop over
-    time steps and the LSTM would recompile per length or break the graph. On CPU, Inductor writes C++, so a
-    compiler must be there; without one this stops before any work."""
-    if device.type == "cpu":
-        cxx = os.environ.get("CXX", "").split()[:1] or ["g++", "clang++"]
-        if not any(shutil.which(c) for c in cxx):
-            raise ParamsError("train.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++ on PATH, "
-                              "or $CXX); install one or set train.compile to false")
-    model.bert.compile(dynamic=True)
-    log.info("encoder compiled with torch.compile (dynamic shapes): the first steps of each mode compile it")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -378,8 +361,6 @@ class TrainingRun:
         device = self.device = world.device
         self.amp_dtype = autocast_dtype(config.precision, device)
         self.model, self.data = prepare(conll_dir, encoder_dir, config, device)
-        if config.compile:
-            compile_encoder(self.model, device)
         self.objective: torch.nn.Module = Objective(self.model)
         if world.size > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
@@ -407,7 +388,7 @@ class TrainingRun:
         self.run_id = checkpoint.fingerprint(
             {"seed": seed, "encoder": str(encoder_dir), "world": world.size,
              **{k: v for k, v in asdict(config).items() if k not in ("device", "threads", "eval_batch_size",
-                                                                       "resume", "compile")}},
+                                                                       "resume")}},
             [conll_dir / "train.conll", conll_dir / "dev.conll", conll_dir / "labels.json"])
         self.resumed = self._resume()
 
