@@ -69,7 +69,8 @@ def kernel_graph(hidden: int) -> onnx.ModelProto:
     node = helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "b", "bias"], ["y"], domain="com.microsoft",
                             epsilon=1e-12)
     graph = helper.make_graph([node], "skip_layer_norm", io[:2], io[2:], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def kernel(work: Path, hidden: int, batch: int, tokens: int, threads: int, rounds: int, calls: int) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def kernel(work: Path, hidden: int, batch: int, tokens: int, threads: int, round
             "max_abs_diff": float(np.abs(outputs[0] - outputs[1]).max()), **result}
 
 
-def served_graphs(model_dir: Path, onnx_dir: Path, conll_dir: Path, config: ExportConfig, work: Path) -> dict[str, Path]:
+def served_graphs(model_dir: Path, onnx_dir: Path, conll_dir: Path, config: ExportConfig,
+                  work: Path) -> dict[str, Path]:
     """fp32 and this CPU's int8 graph as export builds them, before the split: {file name: path}."""
     model, _ = load_model(model_dir)
     export_onnx(model, work / "raw.onnx", config.opset)
