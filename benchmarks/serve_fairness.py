@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--out", default="benchmarks/results/serve-fairness.json")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     paths = load_params(args.params)["paths"]
     model_dir = args.model_dir or paths["onnx_dir"]
     tweets = [t for t in (task_text(task, "text") for task in iter_export(paths["export"])) if t.strip()][:1000]
