@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -121,6 +122,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     state.batcher.start()
     await state.batcher.submit(["warm up"])  # first ONNX run builds kernels; then we are ready
+    # Everything loaded so far (the app, the model, the libraries) lives as long as the service: out of the
+    # collector's sight, a full collection stops every thread for ~5 ms instead of ~100 (README, Serving)
+    gc.freeze()
     sighup = _on_sighup(loop, lambda: loop.run_in_executor(None, state.reloader.check))
     watcher = asyncio.create_task(_watch_model_dir(state)) if state.settings.reload_interval_s > 0 else None
     state.ready = True

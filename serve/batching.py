@@ -46,6 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,7 +63,7 @@ class Runtime(Protocol):
 
     def plan(self, texts: list[str]) -> Any: ...
 
-    def run_windows(self, windows: list[Any]) -> list[Any]: ...
+    def run_windows(self, windows: list[Any]) -> list[Any]: ...  # ``narrow=True`` too where ``shares_cores``
 
     def finish(self, plans: list[Any]) -> list[list[Any]]: ...
 
@@ -170,7 +171,9 @@ class MicroBatcher:
                  max_batch_tokens: int = 0, run_spread_tokens: int = 128,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  arrivals: Callable[[], int] | None = None,
-                 on_idle: Callable[[Any], None] | None = None) -> None:
+                 on_idle: Callable[[Any], None] | None = None,
+                 core_share: Callable[[], AbstractContextManager[bool]] | None = None,
+                 decode_aside: Callable[[Any, list[Any]], list[list[Any]]] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -183,6 +186,8 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.arrivals = arrivals
         self.on_idle = on_idle  # called with the runtime when the worker goes idle after a large request
+        self.decode_aside = decode_aside or _finish  # (runtime, plans) on the decoder thread (serve.decoder)
+        self.core_share = core_share  # around each runtime call: yields whether it runs narrow (serve.lanes.CoreShare)
         self.outstanding = 0  # submitted, not yet answered
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -405,7 +410,7 @@ class MicroBatcher:
     def _run_group(self, runtime: Any, group: list[_Taken]) -> None:
         """Emissions into each window's plan; if the call fails, each request's windows again alone."""
         try:
-            outputs = runtime.run_windows([t.window for t in group])
+            outputs = self._run_windows(runtime, [t.window for t in group])
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, not swallowed
             jobs = {id(t.job): t.job for t in group}
             if len(jobs) == 1:
@@ -417,6 +422,14 @@ class MicroBatcher:
             return
         for t, output in zip(group, outputs):
             t.plan.put(t.window, output)
+
+    def _run_windows(self, runtime: Any, windows: list[Any]) -> list[Any]:
+        """``runtime.run_windows``, on its narrow session (half the threads) where ``core_share`` says the cores
+        are shared with another lane's calls."""
+        if self.core_share is None or not getattr(runtime, "shares_cores", False):
+            return runtime.run_windows(windows)
+        with self.core_share() as narrow:
+            return runtime.run_windows(windows, narrow=True) if narrow else runtime.run_windows(windows)
 
     def _finish(self, runtime: Any, completed: list[_Taken]) -> None:
         """Decode the completed plans: large ones on the decoder thread (the worker goes on), the rest together
@@ -451,7 +464,7 @@ class MicroBatcher:
         if self._decoder is None:
             self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ner-decoder")
         self._decoding += 1
-        future = self._decoder.submit(runtime.finish, [t.plan])
+        future = self._decoder.submit(self.decode_aside, runtime, [t.plan])
         future.add_done_callback(lambda done: self._queue.put(_Decoded(t, done)))
 
     def _decoded(self, item: _Decoded) -> None:
@@ -528,6 +541,10 @@ def _by_runtime(taken: list[_Taken]) -> list[tuple[Any, list[_Taken]]]:
     for t in taken:
         groups.setdefault(id(t.job.runtime), (t.job.runtime, []))[1].append(t)
     return list(groups.values())
+
+
+def _finish(runtime: Any, plans: list[Any]) -> list[list[Any]]:
+    return runtime.finish(plans)
 
 
 def _plan_words(runtime: Any, plan: Any) -> int:

@@ -6,17 +6,26 @@ request with two 100k-character texts. :class:`ServingRuntime` splits the same s
 windows), :meth:`run_windows` (any mix of windows from any plans, sorted by length, in ONNX runs of
 ``batch_size``), :meth:`finish` (Viterbi and spans for plans whose windows all ran, decoded together). A plan
 run alone in chunks of a multiple of ``batch_size`` windows gives exactly ``predict``'s ONNX batches.
+
+While the service's two lanes both run (a tweet beside a long text's windows), each call runs on a second ONNX
+Runtime session with half the threads (``run_windows(..., narrow=True)``; :class:`serve.lanes.CoreShare`
+decides): each lane then has half the cores to itself instead of both pools' threads fighting over every core.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from pipeline.core.words import split_words
-from pipeline.runtime.inference import EncodedWindow, NerRuntime, TextPrediction
+from pipeline.runtime.inference import EncodedWindow, NerRuntime, TextPrediction, session_options
 
 
 @dataclass
@@ -38,9 +47,78 @@ class Plan:
         self.emissions[window.text_index][w.own_lo:w.own_hi] = emissions[w.own_lo - w.lo:w.own_hi - w.lo]
         self.remaining -= 1
 
+    def for_decoding(self) -> Plan:
+        """What :meth:`ServingRuntime.finish` reads (texts, words, emissions), without the windows: what is sent
+        to the decoding process (:mod:`serve.decoder`)."""
+        return Plan(self.texts, self.words, [], self.emissions)
+
+
+class GilFreeTokenizer:
+    """A ``tokenizers.Tokenizer`` whose ``encode`` of a long input runs as ``encode_batch`` of one: the same
+    encoding, but the Rust side lets go of the GIL meanwhile. ``encode`` holds it: 58 ms for a 100k-character
+    text, during which no other request's thread (event loop, interactive lane) could run (AMD EPYC Zen 4).
+    Short inputs keep ``encode`` (``encode_batch`` of one tweet costs 6 us more)."""
+
+    LONG = 1_000  # words (pre-tokenized input) or characters
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, sequence: Any, pair: Any = None, **options: Any) -> Any:
+        if pair is not None or len(sequence) <= self.LONG:
+            return self.tokenizer.encode(sequence, pair, **options)
+        return self.tokenizer.encode_batch([sequence], **options)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
 
 class ServingRuntime(NerRuntime):
-    """:class:`NerRuntime` with its steps exposed to the micro-batcher, and its arena shrinkable."""
+    """:class:`NerRuntime` with its steps exposed to the micro-batcher, its arena shrinkable, and a session with
+    half the threads for calls that share the cores with another lane's (loaded on first use in 0.08 s, dropped by
+    :meth:`shrink_arena`: +60 MB RSS for MiniLM int8 while it is loaded)."""
+
+    def __init__(self, model_dir: str | Path, *, threads: int = 0, spin_after_call: bool = False,
+                 **options: Any) -> None:
+        super().__init__(model_dir, threads=threads, spin_after_call=spin_after_call, **options)
+        self.tokenizer = GilFreeTokenizer(self.tokenizer)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = threads or cores
+        self._spin_after_call = spin_after_call
+        self._narrow: ServingRuntime | None = None
+        self._narrow_lock = threading.Lock()
+
+    @property
+    def shares_cores(self) -> bool:
+        """Whether :meth:`run_windows` has a narrower way to run (this runtime runs more than one thread)."""
+        return self.threads > 1
+
+    @property
+    def narrow_loaded(self) -> bool:
+        return self._narrow is not None
+
+    def narrow(self) -> ServingRuntime:
+        """This runtime on a session with half the threads (the same graph, tokenizer and CRF): loaded once, on
+        first use."""
+        if not self.shares_cores:
+            return self
+        with self._narrow_lock:
+            if self._narrow is None:
+                narrow = copy.copy(self)
+                narrow.threads = max(1, self.threads // 2)
+                options = session_options(narrow.threads, optimized=bool(self.info.get("graph_optimized")),
+                                          spin_after_call=self._spin_after_call)
+                narrow.session = ort.InferenceSession(str(self.onnx_path), options,
+                                                      providers=["CPUExecutionProvider"])
+                self._narrow = narrow
+            return self._narrow
+
+    def decoding_state(self) -> ServingRuntime:
+        """This runtime without its ONNX sessions and tokenizer: what :meth:`finish` needs (CRF, tags, batch
+        size), a few kB to send to the decoding process (:mod:`serve.decoder`)."""
+        state = copy.copy(self)
+        state.session = state.tokenizer = state._narrow = state._narrow_lock = None  # type: ignore[assignment]
+        return state
 
     def plan(self, texts: list[str]) -> Plan:
         words = [split_words(t) for t in texts]
@@ -57,13 +135,15 @@ class ServingRuntime(NerRuntime):
         """A window's sub-tokens: what it costs a call (the batcher's ``max_batch_tokens``) and its sort key."""
         return len(window.input_ids)
 
-    def run_windows(self, windows: list[EncodedWindow]) -> list[np.ndarray]:
-        """Each window's emissions, in input order; ONNX runs of ``batch_size`` windows sorted by length."""
+    def run_windows(self, windows: list[EncodedWindow], narrow: bool = False) -> list[np.ndarray]:
+        """Each window's emissions, in input order; ONNX runs of ``batch_size`` windows sorted by length, on the
+        narrow session (half the threads) if ``narrow``."""
+        runner = self.narrow() if narrow else self
         order = sorted(range(len(windows)), key=lambda j: self.window_tokens(windows[j]))
         out: list[np.ndarray] = [np.empty(0)] * len(windows)
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
-            for j, em in zip(idx, self._run([windows[j] for j in idx])):
+            for j, em in zip(idx, runner._run([windows[j] for j in idx])):
                 out[j] = em
         return out
 
@@ -84,7 +164,10 @@ class ServingRuntime(NerRuntime):
         return out
 
     def shrink_arena(self) -> None:
-        """Hand the CPU arena's free blocks back: after long windows ONNX Runtime keeps them otherwise."""
+        """Hand the CPU arena's free blocks back: after long windows ONNX Runtime keeps them otherwise. The
+        narrow session is dropped (a call still running on it keeps it until it returns)."""
+        with self._narrow_lock:
+            self._narrow = None
         options = ort.RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         one = np.ones((1, 1), dtype=np.int64)
