@@ -39,6 +39,7 @@ class DecodeProcess:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._unavailable = False  # starting a process failed for good: decode on the calling thread
 
     @property
     def started(self) -> bool:
@@ -48,14 +49,27 @@ class DecodeProcess:
         """``runtime.finish(plans)`` in the worker (blocking: call it from a thread); on the calling thread for a
         runtime that cannot be sent (no ``decoding_state``) or when the worker is gone."""
         state = getattr(runtime, "decoding_state", None)
-        if state is None:
+        if state is None or self._unavailable:
             return runtime.finish(plans)
         try:
-            return self._executor().submit(_finish, state(), [p.for_decoding() for p in plans]).result()
-        except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: closed meanwhile (idle release)
-            log.warning("decoding process unavailable (%s); decoding on this thread", exc)
-            self._drop()
-            return runtime.finish(plans)
+            future = self._executor().submit(_finish, state(), [p.for_decoding() for p in plans])
+        except BrokenProcessPool as exc:  # the worker died after the last call
+            return self._here(runtime, plans, exc)
+        except RuntimeError as exc:  # closed meanwhile (a lane's idle release): the next call starts a new one
+            return self._here(runtime, plans, exc)
+        except (OSError, ImportError, NotImplementedError) as exc:  # no processes or semaphores here (sandboxes)
+            self._unavailable = True
+            return self._here(runtime, plans, exc)
+        try:
+            return future.result()  # an error of runtime.finish itself is the request's, as on a thread
+        except BrokenProcessPool as exc:  # the worker died with this plan
+            return self._here(runtime, plans, exc)
+
+    def _here(self, runtime: Any, plans: list[Any], why: Exception) -> list[list[Any]]:
+        log.warning("decoding process unavailable (%s: %s); decoding on this thread%s", type(why).__name__, why,
+                    " from now on" if self._unavailable else "")
+        self._drop()
+        return runtime.finish(plans)
 
     def close(self) -> None:
         """End the worker process (a decode in flight finishes first); the next call starts a new one."""
