@@ -32,8 +32,9 @@ class CoreShare:
     finished one within ``grace_s`` (a one-tweet client's next request is on its way; a long text's next chunk is
     being planned), wide otherwise. The first call beside another lane's wide one still shares the cores with it."""
 
-    def __init__(self, lanes: int = 2, grace_s: float = 0.05) -> None:
+    def __init__(self, lanes: int = 2, grace_s: float = 0.05, on_narrow: Callable[[], None] | None = None) -> None:
         self.grace_s = grace_s
+        self.on_narrow = on_narrow  # called for each narrow call (metrics)
         self._lock = threading.Lock()
         self._in_call = [0] * lanes
         self._last_end = [float("-inf")] * lanes
@@ -52,6 +53,8 @@ class CoreShare:
             narrow = self.busy_elsewhere(lane)
             self._in_call[lane] += 1
             self.narrow_calls += narrow
+        if narrow and self.on_narrow is not None:
+            self.on_narrow()
         try:
             yield narrow
         finally:
@@ -69,9 +72,9 @@ class Lanes:
     runtime's narrow session (``cores``, a :class:`CoreShare`). Has the batcher's interface for the service."""
 
     def __init__(self, runtime: Any, *, bulk_chars: int, on_idle: Callable[[Any], None] | None = None,
-                 **options: Any) -> None:
+                 on_narrow: Callable[[], None] | None = None, **options: Any) -> None:
         self.bulk_chars = bulk_chars
-        self.cores = CoreShare(lanes=2)
+        self.cores = CoreShare(lanes=2, on_narrow=on_narrow)
         self.decoder = DecodeProcess()  # long texts' Viterbi, away from the GIL; ended when a lane goes idle
         self._on_idle = on_idle
         self.interactive = MicroBatcher(runtime, core_share=partial(self.cores.call, 0), on_idle=self._idle,

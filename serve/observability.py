@@ -70,6 +70,8 @@ class Metrics:
         self.jobs = Counter("ner_training_jobs", "finished training jobs by decision", ["decision"], registry=r)
         self.job_seconds = Histogram("ner_training_job_duration_seconds", "training job wall time, event to end",
                                      buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r)
+        self.shared_core_calls = Counter("ner_shared_core_calls", "runtime calls run on the narrow ONNX Runtime "
+                                         "session (half the threads) because the other lane was busy", registry=r)
         self.served_dev_f1 = Gauge("ner_served_model_dev_f1", "dev F1 of the served model on the last job's split",
                                    registry=r)
 
@@ -77,6 +79,9 @@ class Metrics:
         self.batch_texts.observe(stats.texts)
         self.batch_requests.observe(stats.requests)
         self.batch_seconds.observe(stats.seconds)
+
+    def observe_shared_core_call(self) -> None:
+        self.shared_core_calls.inc()
 
     def set_model(self, model_version: str) -> None:
         self.model_info.clear()

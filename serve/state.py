@@ -78,7 +78,8 @@ class ServiceState:
         self.metrics.set_model(runtime.model_version)
         self.batcher = Lanes(runtime, bulk_chars=settings.bulk_chars, max_batch_size=settings.max_batch_size,
                              max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
-                             on_batch=self.metrics.observe_batch, on_idle=release_memory)
+                             on_batch=self.metrics.observe_batch, on_idle=release_memory,
+                             on_narrow=self.metrics.observe_shared_core_call)
         self.reloader = ModelReloader(settings.model_dir, self.load, self.batcher,
                                       on_reload=self.metrics.observe_reload)
         self.label_configs = LabelConfigs(settings.max_config_chars)

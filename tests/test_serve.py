@@ -214,7 +214,7 @@ def test_metrics_count_requests_by_route_and_status(service):
     assert metric(service, "ner_model_info", model_version=version) == 1
     text = service.get("/metrics").text
     for name in ("ner_http_request_duration_seconds_bucket", "ner_batch_size_requests_bucket",
-                 "ner_batch_duration_seconds_bucket"):
+                 "ner_batch_duration_seconds_bucket", "ner_shared_core_calls_total"):
         assert name in text
 
 
