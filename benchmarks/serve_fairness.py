@@ -19,6 +19,11 @@ benchmarks/results/serve-fairness.json.
     .venv/bin/python benchmarks/serve_fairness.py                    # after `make repro`
     .venv/bin/python benchmarks/serve_fairness.py --quantized --tweets 300
     .venv/bin/python benchmarks/serve_fairness.py --quantized --repeats 5
+    .venv/bin/python benchmarks/serve_fairness.py --quantized --trace --out /tmp/fairness.json   # + fairness.png
+
+With ``--trace`` the JSON keeps, for the median run of each mode, when each tweet was sent (seconds after the
+long request) and its latency, and a plot of them is written beside it: where in the long request the slow
+tweets fall (its planning, a decode, a collection) is what told the causes apart (README, Serving).
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ LONG = ("Barack Obama visited Paris and met Angela Merkel in Berlin. " * 1700)[:
 
 
 def tweet_latencies(client: httpx.Client, tweets: list[str], count: int, until: threading.Event | None = None
-                    ) -> list[float]:
-    """Seconds per one-tweet request, ``count`` of them back to back (or until ``until`` is set)."""
+                    ) -> list[tuple[float, float]]:
+    """(start, seconds) of one-tweet requests, ``count`` of them back to back (or until ``until`` is set); start
+    on ``time.perf_counter``'s clock."""
     out = []
     for i in range(count):
         if until is not None and until.is_set():
@@ -61,18 +67,20 @@ def tweet_latencies(client: httpx.Client, tweets: list[str], count: int, until: 
         start = time.perf_counter()
         response = client.post("/v1/ner", json={"texts": [tweets[i % len(tweets)]]})
         response.raise_for_status()
-        out.append(time.perf_counter() - start)
+        out.append((start, time.perf_counter() - start))
     return out
 
 
-def summary(latencies: list[float]) -> dict[str, float | int]:
-    ordered = sorted(latencies)
+def summary(timed: list[tuple[float, float]]) -> dict[str, float | int]:
+    ordered = sorted(seconds for _, seconds in timed)
     return {"requests": len(ordered), "p50_ms": round(1000 * statistics.median(ordered), 1),
             "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)}
 
 
-def service_latencies(model_dir: str, env: dict[str, str], tweets: list[str], count: int) -> dict:
-    """One service: the idle one-tweet latencies, then those beside a request with two 100k-character texts."""
+def service_latencies(model_dir: str, env: dict[str, str], tweets: list[str], count: int, trace: bool = False
+                      ) -> dict:
+    """One service: the idle one-tweet latencies, then those beside a request with two 100k-character texts (with
+    ``trace``, each of those as seconds since the long request was sent and its latency)."""
     with tempfile.TemporaryDirectory(prefix="serve-fairness-") as tmp, \
             ServiceProcess(model_dir, Path(tmp) / "serve.log", env={"NER_API_KEY": "", **env}) as svc, \
             httpx.Client(base_url=svc.url, timeout=600) as client:
@@ -81,6 +89,8 @@ def service_latencies(model_dir: str, env: dict[str, str], tweets: list[str], co
         log.info("%s idle service: p50 %.1f ms, p99 %.1f ms", env, idle["p50_ms"], idle["p99_ms"])
 
         done, long_result = threading.Event(), {}
+
+        sent = time.perf_counter()
 
         def long_request() -> None:
             start = time.perf_counter()
@@ -92,14 +102,19 @@ def service_latencies(model_dir: str, env: dict[str, str], tweets: list[str], co
         worker = threading.Thread(target=long_request)
         worker.start()
         time.sleep(0.5)  # the long request is planned and in the rotation
-        loaded = summary(tweet_latencies(client, tweets, 10**6, until=done))
+        beside = tweet_latencies(client, tweets, 10**6, until=done)
+        loaded = summary(beside)
         worker.join()
     ratio = round(loaded["p99_ms"] / idle["p99_ms"], 2)
     log.info("beside two 100k-character texts (%s s): %d tweets, p50 %.1f ms, p99 %.1f ms; p99 ratio %.2f "
              "(target <= %.1f)", long_result["seconds"], loaded["requests"], loaded["p50_ms"], loaded["p99_ms"],
              ratio, TARGET_P99_RATIO)
-    return {"idle": idle, "beside_two_100k_texts": loaded, "long_request": long_result,
-            "ratio_p99_beside_long_vs_idle": ratio}
+    result = {"idle": idle, "beside_two_100k_texts": loaded, "long_request": long_result,
+              "ratio_p99_beside_long_vs_idle": ratio}
+    if trace:
+        result["trace"] = {"sent_s": [round(start - sent, 4) for start, _ in beside],
+                           "latency_ms": [round(1000 * seconds, 2) for _, seconds in beside]}
+    return result
 
 
 MODES = (("default", {}), ("spin_after_call", {"NER_ORT_SPIN_AFTER_CALL": "1"}))
@@ -127,6 +142,8 @@ def main() -> None:
     parser.add_argument("--tweets", type=int, default=200, help="one-tweet requests on the idle service")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--out", default="benchmarks/results/serve-fairness.json")
+    parser.add_argument("--trace", action="store_true", help="keep each tweet's time and latency beside the long "
+                        "request (the median run of each mode) in the JSON, and plot them beside it (.png)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -138,7 +155,7 @@ def main() -> None:
     each: dict[str, list[dict]] = {name: [] for name, _ in MODES}
     for repeat in range(args.repeats):
         for name, env in MODES if repeat % 2 == 0 else MODES[::-1]:
-            each[name].append(service_latencies(model_dir, {**quantized, **env}, tweets, args.tweets))
+            each[name].append(service_latencies(model_dir, {**quantized, **env}, tweets, args.tweets, args.trace))
     runs = {name: median_run(results) for name, results in each.items()}
     for name, run in runs.items():
         if "medians" in run:
@@ -154,6 +171,42 @@ def main() -> None:
                       and default["beside_two_100k_texts"]["requests"] > 0)}
     write_json(args.out, report)
     log.info("wrote %s", args.out)
+    if args.trace:
+        png = Path(args.out).with_suffix(".png")
+        plot_trace(report, png)
+        log.info("wrote %s", png)
+
+
+def plot_trace(report: dict, png: Path) -> None:
+    """Each tweet's latency against when it was sent, per mode, with the idle p99 and the target (2x) as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    runs = {"default": report, "spin_after_call": report["spin_after_call"]}
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 6), sharex=True, sharey=True)
+    for ax, (name, run) in zip(axes, runs.items()):
+        idle = run["idle"]["p99_ms"]
+        ax.scatter(run["trace"]["sent_s"], run["trace"]["latency_ms"], s=3)
+        ax.axhline(idle, color="green", linewidth=1, label=f"idle p99 {idle} ms")
+        ax.axhline(TARGET_P99_RATIO * idle, color="red", linewidth=1, label=f"target ({TARGET_P99_RATIO:g}x)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_ylabel("tweet latency (ms)")
+        ax.set_title(f"{name}: beside p99 {run['beside_two_100k_texts']['p99_ms']} ms, ratio "
+                     f"{run['ratio_p99_beside_long_vs_idle']}; long request {run['long_request']['seconds']} s",
+                     fontsize=9)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("seconds since the request with two 100k-character texts was sent")
+    cpu = report["cpu"]
+    fig.suptitle(f"One-tweet requests beside two 100k-character texts ({'int8' if report['quantized'] else 'fp32'}, "
+                 f"{cpu['model']}: {' '.join(cpu['isa'])})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
