@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 NICE = 10
 
 
+def _lower_priority() -> None:
+    """In the worker, first: niceness ``NICE`` where the OS has it."""
+    if hasattr(os, "nice"):
+        os.nice(NICE)
+
+
 def _finish(runtime: Any, plans: list[Any]) -> list[list[Any]]:
     """In the worker: ``runtime.finish(plans)`` (a runtime without an ONNX session: ``decoding_state``)."""
     return runtime.finish(plans)
@@ -82,7 +88,7 @@ class DecodeProcess:
             if self._pool is None:
                 # spawn: a fork would copy the service's threads' locks (ONNX Runtime, the event loop) mid-use
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=os.nice, initargs=(NICE,))
+                                                 initializer=_lower_priority)
             return self._pool
 
     def _drop(self) -> ProcessPoolExecutor | None:

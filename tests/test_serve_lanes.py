@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.runtime.inference import NerRuntime
-from serve.decoder import DecodeProcess
+from serve.decoder import NICE, DecodeProcess
 from serve.lanes import CoreShare, Lanes
 from serve.windows import ServingRuntime
 
@@ -130,6 +130,8 @@ def test_a_long_text_decoded_in_the_worker_process_gives_the_runtimes_prediction
         assert got == runtime.finish([plan])  # the very same floats: the same numpy code on the same emissions
         pid = decoder._executor().submit(os.getpid).result(60)
         assert pid != os.getpid()
+        # background work: the worker yields the cores to the tweets' ONNX runs
+        assert decoder._executor().submit(os.nice, 0).result(60) == min(19, os.nice(0) + NICE)
         os.kill(pid, signal.SIGKILL)  # the worker dies: the plan is decoded here, the next call starts a new one
         assert decoder.finish(runtime, [plan]) == got
         assert decoder.finish(runtime, [plan]) == got and decoder.started
