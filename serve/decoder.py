@@ -57,24 +57,27 @@ class DecodeProcess:
         state = getattr(runtime, "decoding_state", None)
         if state is None or self._unavailable:
             return runtime.finish(plans)
+        pool = None
         try:
-            future = self._executor().submit(_finish, state(), [p.for_decoding() for p in plans])
+            pool = self._executor()
+            future = pool.submit(_finish, state(), [p.for_decoding() for p in plans])
         except BrokenProcessPool as exc:  # the worker died after the last call
-            return self._here(runtime, plans, exc)
+            return self._here(runtime, plans, exc, pool)
         except RuntimeError as exc:  # closed meanwhile (a lane's idle release): the next call starts a new one
-            return self._here(runtime, plans, exc)
+            return self._here(runtime, plans, exc, pool)
         except (OSError, ImportError, NotImplementedError) as exc:  # no processes or semaphores here (sandboxes)
             self._unavailable = True
-            return self._here(runtime, plans, exc)
+            return self._here(runtime, plans, exc, pool)
         try:
             return future.result()  # an error of runtime.finish itself is the request's, as on a thread
         except BrokenProcessPool as exc:  # the worker died with this plan
-            return self._here(runtime, plans, exc)
+            return self._here(runtime, plans, exc, pool)
 
-    def _here(self, runtime: Any, plans: list[Any], why: Exception) -> list[list[Any]]:
+    def _here(self, runtime: Any, plans: list[Any], why: Exception, pool: ProcessPoolExecutor | None
+              ) -> list[list[Any]]:
         log.warning("decoding process unavailable (%s: %s); decoding on this thread%s", type(why).__name__, why,
                     " from now on" if self._unavailable else "")
-        self._drop()
+        self._drop(pool)  # only the pool that failed: another call may have started a new one meanwhile
         return runtime.finish(plans)
 
     def close(self) -> None:
@@ -91,7 +94,10 @@ class DecodeProcess:
                                                  initializer=_lower_priority)
             return self._pool
 
-    def _drop(self) -> ProcessPoolExecutor | None:
+    def _drop(self, pool: ProcessPoolExecutor | None = None) -> ProcessPoolExecutor | None:
+        """Forget the current pool (or only ``pool``, if it is still the current one) and return it."""
         with self._lock:
-            pool, self._pool = self._pool, None
-            return pool
+            if pool is not None and self._pool is not pool:
+                return None
+            dropped, self._pool = self._pool, None
+            return dropped
