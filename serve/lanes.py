@@ -38,7 +38,6 @@ class CoreShare:
         self._lock = threading.Lock()
         self._in_call = [0] * lanes
         self._last_end = [float("-inf")] * lanes
-        self.narrow_calls = 0  # calls run narrow so far (observability, tests)
 
     def busy_elsewhere(self, lane: int) -> bool:
         """Whether a lane other than ``lane`` is in a call or ended one within ``grace_s``."""
@@ -52,7 +51,6 @@ class CoreShare:
         with self._lock:
             narrow = self.busy_elsewhere(lane)
             self._in_call[lane] += 1
-            self.narrow_calls += narrow
         if narrow and self.on_narrow is not None:
             self.on_narrow()
         try:
