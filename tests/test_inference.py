@@ -182,12 +182,13 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     # the fused graph is quantized: attention stays one kernel, the LSTM is int8 too
     assert {"QAttention", "DynamicQuantizeLSTM"} <= ops and "Attention" not in ops
     assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-    # the sensitive feed-forward MatMuls named in export.int8_blockwise are 8-bit block-wise
+    # just the MatMuls that export.int8_blockwise names are 8-bit block-wise (params.yaml names none: all dynamic;
+    # test_int8_scheme_puts_each_matmul_where_its_pattern_says checks the block-wise path itself)
+    named = pipeline_run.params["export"]["int8_blockwise"]
     blockwise = [n.name for n in int8 if n.op_type == "MatMulNBits"]
-    assert sorted(blockwise) == ["/bert/encoder/layer.0/intermediate/dense/MatMul_Q8",
-                                 "/bert/encoder/layer.0/output/dense/MatMul_Q8",
-                                 "/bert/encoder/layer.1/output/dense/MatMul_Q8"]
-    assert metrics["int8_scheme"]["blockwise_matmuls"] == 3 and metrics["int8_scheme"]["smoothed_inputs"] > 0
+    assert all(any(p in name for p in named) for name in blockwise) and bool(blockwise) == bool(named)
+    assert metrics["int8_scheme"]["blockwise_matmuls"] == len(blockwise)
+    assert metrics["int8_scheme"]["dynamic_matmuls"] > 0 and metrics["int8_scheme"]["smoothed_inputs"] > 0
     assert metrics["int8_scheme"]["quantized_attention"] == layers == sum(n.op_type == "QAttention" for n in int8)
     assert metrics["int8_vs_fp32_test"]["sequences"] > 0
 
