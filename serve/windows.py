@@ -53,26 +53,6 @@ class Plan:
         return Plan(self.texts, self.words, [], self.emissions)
 
 
-class GilFreeTokenizer:
-    """A ``tokenizers.Tokenizer`` whose ``encode`` of a long input runs as ``encode_batch`` of one: the same
-    encoding, but the Rust side lets go of the GIL meanwhile. ``encode`` holds it: 58 ms for a 100k-character
-    text, during which no other request's thread (event loop, interactive lane) could run (AMD EPYC Zen 4).
-    Short inputs keep ``encode`` (``encode_batch`` of one tweet costs 6 us more)."""
-
-    LONG = 1_000  # words (pre-tokenized input) or characters
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def encode(self, sequence: Any, pair: Any = None, **options: Any) -> Any:
-        if pair is not None or len(sequence) <= self.LONG:
-            return self.tokenizer.encode(sequence, pair, **options)
-        return self.tokenizer.encode_batch([sequence], **options)[0]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tokenizer, name)
-
-
 class ServingRuntime(NerRuntime):
     """:class:`NerRuntime` with its steps exposed to the micro-batcher, its arena shrinkable, and a session with
     half the threads for calls that share the cores with another lane's (loaded on first use in 0.08 s, dropped by
@@ -81,7 +61,6 @@ class ServingRuntime(NerRuntime):
     def __init__(self, model_dir: str | Path, *, threads: int = 0, spin_after_call: bool = False,
                  **options: Any) -> None:
         super().__init__(model_dir, threads=threads, spin_after_call=spin_after_call, **options)
-        self.tokenizer = GilFreeTokenizer(self.tokenizer)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads or cores
         self._spin_after_call = spin_after_call

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.core.encoding import Window, plan_windows, window_inputs, word_pieces
+from pipeline.core.encoding import Window, plan_windows, texts_word_pieces, window_inputs, word_pieces
 from pipeline.core.words import split_words
 from pipeline.runtime.inference import NerRuntime
 from tests.conftest import SPECIAL_TEXTS
@@ -73,6 +73,27 @@ def test_batched_decoding_equals_one_text_at_a_time(pipeline_run):
     single = [runtime.predict([t])[0].to_dict() for t in texts]
     assert batched == single
     assert runtime.tag_words([t.split() for t in texts]) == [runtime.tag_words([t.split()])[0] for t in texts]
+
+
+def test_word_pieces_of_many_texts_at_once_equal_each_text_encoded_alone(pipeline_run):
+    runtime = NerRuntime(pipeline_run.path("onnx_dir"))
+    tokenizer, specials = runtime.tokenizer, runtime.specials
+    texts = [["Barack", "Obama"], [], ["北", "京", "😀"], ["\u0301", "x"], ["supercalifragilistic" * 4], [],
+             ["New", "York"] * 1500]
+
+    def alone(words: list[str]) -> list[list[int]]:  # one text, through encode (the call that holds the GIL)
+        pieces: list[list[int]] = [[] for _ in words]
+        if words:
+            enc = tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+            for token_id, word_id in zip(enc.ids, enc.word_ids):
+                if word_id is not None and len(pieces[word_id]) < 3:
+                    pieces[word_id].append(token_id)
+        return [p or [specials.unk] for p in pieces]
+
+    expected = [alone(words) for words in texts]
+    assert texts_word_pieces(tokenizer, specials, texts, 3) == expected
+    assert [word_pieces(tokenizer, specials, words, 3) for words in texts] == expected
+    assert expected[3][0] == [specials.unk] and len(expected[4][0]) == 3  # a dropped mark; a word cut at 3
 
 
 def _single_pass(runtime: NerRuntime, words: list[str]) -> np.ndarray:

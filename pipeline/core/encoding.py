@@ -50,16 +50,30 @@ def special_ids(tokenizer: Tokenizer) -> SpecialIds:
 def word_pieces(tokenizer: Tokenizer, specials: SpecialIds, words: list[str],
                 max_pieces: int) -> list[list[int]]:
     """Sub-token ids of each word, at most ``max_pieces`` per word, never empty."""
-    pieces: list[list[int]] = [[] for _ in words]
-    if words:
-        enc = tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
-        for token_id, word_id in zip(enc.ids, enc.word_ids):
-            if word_id is not None and len(pieces[word_id]) < max_pieces:
-                pieces[word_id].append(token_id)
-    for p in pieces:
-        if not p:
-            p.append(specials.unk)
-    return pieces
+    return texts_word_pieces(tokenizer, specials, [words], max_pieces)[0]
+
+
+def texts_word_pieces(tokenizer: Tokenizer, specials: SpecialIds, texts: list[list[str]],
+                      max_pieces: int) -> list[list[list[int]]]:
+    """:func:`word_pieces` of each text (a list of words), all in one ``encode_batch``: the tokenizer's Rust side
+    encodes them on its own threads and lets go of the GIL meanwhile, where ``encode`` holds it (58 ms for a
+    100k-character text on a Zen 4, during which no other thread of the service ran). The same ids as ``encode``
+    of each text alone."""
+    encodings = iter(tokenizer.encode_batch([words for words in texts if words], is_pretokenized=True,
+                                            add_special_tokens=False))
+    out = []
+    for words in texts:
+        pieces: list[list[int]] = [[] for _ in words]
+        if words:
+            enc = next(encodings)
+            for token_id, word_id in zip(enc.ids, enc.word_ids):
+                if word_id is not None and len(pieces[word_id]) < max_pieces:
+                    pieces[word_id].append(token_id)
+        for p in pieces:
+            if not p:
+                p.append(specials.unk)
+        out.append(pieces)
+    return out
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from pipeline.core.encoding import (
     Window,
     load_tokenizer,
     plan_windows,
+    texts_word_pieces,
     window_inputs,
-    word_pieces,
 )
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.tags import tags_to_spans
@@ -230,8 +230,7 @@ class NerRuntime:
     def encode(self, words: list[list[str]]) -> list[EncodedWindow]:
         """The encoder windows of each text: ``[CLS] sub-tokens [SEP]``, at most ``max_tokens`` long."""
         jobs: list[EncodedWindow] = []
-        for i, ws in enumerate(words):
-            pieces = word_pieces(self.tokenizer, self.specials, ws, self.max_tokens)
+        for i, pieces in enumerate(texts_word_pieces(self.tokenizer, self.specials, words, self.max_tokens)):
             for window in plan_windows([len(p) for p in pieces], self.max_tokens, self.window_overlap):
                 ids, first = window_inputs(pieces, window, self.specials)
                 jobs.append(EncodedWindow(i, window, ids, first))
