@@ -16,10 +16,6 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.core.errors import ParamsError
 
-#: The three MatMuls most sensitive to per-tensor int8 activations (see README, ONNX int8).
-INT8_SENSITIVE = ("/encoder/layer.0/intermediate/dense/", "/encoder/layer.0/output/dense/",
-                  "/encoder/layer.1/output/dense/")
-
 
 def validation_problems(exc: ValidationError, section: str) -> str:
     """``section.key: what is wrong (got value)``, one per problem, joined by "; "."""
@@ -85,7 +81,7 @@ class ExportConfig(SectionConfig):
     fuse: bool = True
     split_layer_norms: bool = True  # the served graphs' SkipLayerNormalization as plain ops (faster on CPU)
     quantize: bool = True
-    int8_blockwise: tuple[str, ...] = INT8_SENSITIVE
+    int8_blockwise: tuple[str, ...] = ()  # MatMuls made 8-bit block-wise; none: all dynamic (README, ONNX int8)
     int8_block_size: PositiveInt = 128
     int8_embeddings: bool = False
     int8_smooth: float = Field(0.8, ge=0, le=1)

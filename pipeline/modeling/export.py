@@ -15,15 +15,15 @@ ONNX Runtime's CPU LayerNorm kernels run ~3x slower than those.
 
 int8 is mixed and quantizes the fused graph, so attention stays one
 ``QAttention`` kernel and the LSTM becomes ``DynamicQuantizeLSTM``.
-SmoothQuant first moves activation outliers into the weights. The MatMuls
-most sensitive to per-tensor activation quantization (the first layer's
-feed-forward pair and the second layer's feed-forward output, found by a
-per-layer sensitivity sweep) become 8-bit block-wise ``MatMulNBits``
-(``int8_blockwise``: activations quantized per block of inputs, per token);
-``int8_float`` can leave chosen MatMuls fp32 instead (closer to fp32, slower);
-every other MatMul, the attention and the LSTM are dynamically quantized with
-per-channel int8 weights. The default was chosen by the dev-set emission
-error and the int8/fp32 throughput ratio (README, "ONNX int8").
+SmoothQuant first moves activation outliers into the weights. Every MatMul,
+the attention and the LSTM are then dynamically quantized with per-channel
+int8 weights. ``int8_blockwise`` can make chosen MatMuls 8-bit block-wise
+``MatMulNBits`` (activations quantized per block of inputs, per token: the
+first layer's feed-forward pair and the second layer's feed-forward output
+are the most sensitive, by a per-layer sweep), and ``int8_float`` can leave
+some fp32 (closer to fp32, slower). By default none are: block-wise MatMuls
+ran at nearly fp32's price, and all dynamic stays within the emission error
+limit with an F1 change the test set cannot tell apart (README, "ONNX int8").
 
 That graph is for CPUs with VNNI. Without it (AVX2 only, e.g. Zen 3), ONNX
 Runtime multiplies u8 activations by s8 weights with ``vpmaddubsw``, whose
