@@ -74,13 +74,17 @@ def peer_venv(folder: Path) -> Path:
     if gunicorn.exists():
         return gunicorn
     log.info("making the peer's virtualenv in %s (%s)", folder, ", ".join(PEER_PACKAGES))
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(folder)], check=True)
-    site = subprocess.run([str(folder / "bin" / "python"), "-c",
-                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "ner_pipeline_env.pth").write_text(sysconfig.get_path("purelib") + "\n", encoding="utf-8")
-    subprocess.run([str(folder / "bin" / "pip"), "install", "--quiet", "-c", str(ROOT / "constraints.txt"),
-                    *PEER_PACKAGES], check=True)
+    try:
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(folder)], check=True)
+        site = subprocess.run([str(folder / "bin" / "python"), "-c",
+                               "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        Path(site, "ner_pipeline_env.pth").write_text(sysconfig.get_path("purelib") + "\n", encoding="utf-8")
+        subprocess.run([str(folder / "bin" / "pip"), "install", "--quiet", "-c", str(ROOT / "constraints.txt"),
+                        *PEER_PACKAGES], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"--peer-venv {folder}: could not make it ({exc}); fix the cause above and run again "
+                         "(it is made anew until gunicorn is there)") from None
     return gunicorn
 
 
