@@ -56,9 +56,17 @@ def local_result(tiny_onnx, config, export, tmp_path_factory) -> Path:  # noqa: 
     return out
 
 
+def bounded_runtime(model_dir: Path, threads: int) -> NerRuntime:
+    """The runtime, made only where the tokenizer's thread pool is bounded like ONNX Runtime's (an actor's CPUs)."""
+    rayon = os.environ.get("RAYON_NUM_THREADS")
+    if rayon != str(threads):
+        raise PipelineError(f"RAYON_NUM_THREADS is {rayon!r} in an actor of {threads} CPUs")
+    return NerRuntime(model_dir, threads=threads)
+
+
 def engine(model_dir: Path, actors: int = 2, cpus: int = 1):
     card = ModelCard.read(model_dir)
-    make = partial(NerRuntime, model_dir.resolve())
+    make = partial(bounded_runtime, model_dir.resolve())
     return card, ray_engine(make, PredictRayConfig(actors=actors, cpus_per_actor=cpus))
 
 

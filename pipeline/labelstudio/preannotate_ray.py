@@ -158,7 +158,7 @@ def run_dataset(ray: Any, job: Job, ranges: list[dict[str, int]], actors: int, c
     try:
         dataset = ray.data.from_items(ranges, override_num_blocks=min(len(ranges), 4096)).map_batches(
             ChunkPredictor, batch_size=1, batch_format="numpy", concurrency=actors, num_cpus=cpus,
-            fn_constructor_kwargs=constructor)
+            fn_constructor_kwargs=constructor, runtime_env=actor_env(cpus))
         expected = ranges[0]["chunk"] * job.chunk
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             for index, line, entities in zip(batch["index"], batch["line"], batch["entities"]):
@@ -170,6 +170,13 @@ def run_dataset(ray: Any, job: Job, ranges: list[dict[str, int]], actors: int, c
         raise worker_error(exc) from None
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def actor_env(cpus: int) -> dict[str, Any]:
+    """Each actor's threads bounded by its CPUs: ONNX Runtime's get ``cpus`` from the runtime, and the tokenizer's
+    (Rust, rayon: one per core of the node by default, as ``encode_batch`` spreads a chunk's texts) from
+    ``RAYON_NUM_THREADS``, read when its pool starts, so it is set before the actor's process does."""
+    return {"env_vars": {"RAYON_NUM_THREADS": str(cpus)}}
 
 
 def worker_error(exc: BaseException) -> PipelineError:
