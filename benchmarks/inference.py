@@ -303,7 +303,6 @@ def main() -> None:
                                                                / results["hf_pipeline"]["single_sentences_per_s"], 2),
         "onnx_fp32_vs_torch_eager": ratios("onnx_fp32", "torch_eager"),
         "onnx_int8_vs_onnx_fp32": ratios("onnx_int8", "onnx_fp32"),
-        "int8_f1_drop_points": round(100 * (f1_fp32 - f1_int8), 2),
         "int8_f1_change_points": round(100 * (f1_int8 - f1_fp32), 2),
         "int8_f1_change_ci95": f1_change_interval(gold, tags_fp32, tags_int8),
         "int8_changed_test_sentences": sum(a != b for a, b in zip(tags_fp32, tags_int8)),

@@ -6,7 +6,7 @@ keep-alive clients: ``python -m serve`` with the fp32 graph and with the int8 gr
 ``label_studio_ml/examples/huggingface_ner`` run the way its docker-compose runs it (gunicorn, 1 worker,
 8 threads). The servers are up together and the rounds alternate between them, so a noisy hour hits all
 three alike; each ratio is the median of the rounds' ratios. Also reports p50/p99 latency and each server's
-resident memory (its process tree; VmRSS after the rounds and the sum of VmHWM peaks).
+memory after the rounds (PSS summed over its process tree, so shared pages count once).
 
 The peer runs the same encoder (``paths.encoder``) as a ``BertForTokenClassification`` whose head predicts
 "O" for every token: its cheapest case (no entity post-processing, an empty answer), so the ratio is a lower
@@ -58,14 +58,12 @@ PEER_PACKAGES = ["flask", "gunicorn", "datasets", "colorama"]  # what the exampl
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def check_backend(backend_dir: Path) -> Path:
-    """The example's folder in ``backend_dir``, or a one-line error saying how to get it."""
-    example = backend_dir / EXAMPLE
-    if not (example / "_wsgi.py").is_file() or not (backend_dir / "label_studio_ml/api.py").is_file():
+def check_backend(backend_dir: Path) -> None:
+    """A one-line error saying how to get the backend unless ``backend_dir`` holds the example."""
+    if not (backend_dir / EXAMPLE / "_wsgi.py").is_file() or not (backend_dir / "label_studio_ml/api.py").is_file():
         raise SystemExit(f"--backend-dir {backend_dir}: no {EXAMPLE}/_wsgi.py or label_studio_ml/api.py there; "
                          f"get it with: git clone --depth 1 https://github.com/HumanSignal/label-studio-ml-backend "
                          f"{backend_dir}")
-    return example
 
 
 def peer_venv(folder: Path) -> Path:
