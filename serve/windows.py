@@ -131,11 +131,7 @@ class ServingRuntime(NerRuntime):
         texts = [t for p in plans for t in p.texts]
         words = [w for p in plans for w in p.words]
         emissions = [em for p in plans for em in p.emissions]
-        flat: list[TextPrediction] = [TextPrediction([], 1.0) if not w else None for w in words]  # type: ignore
-        for idx, paths, best, probs, log_z in self._decode_batches(emissions):
-            for row, i in enumerate(idx):
-                flat[i] = self._prediction(texts[i], words[i], paths[row], float(best[row]), probs[row],
-                                           float(log_z[row]))
+        flat = self.decode(texts, words, emissions)
         out, lo = [], 0
         for p in plans:
             out.append(flat[lo:lo + len(p.texts)])

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.encoding import Window, plan_windows, texts_word_pieces, window_inputs, word_pieces
 from pipeline.core.words import split_words
-from pipeline.runtime.inference import NerRuntime
+from pipeline.runtime.inference import NerRuntime, decode_batches
 from tests.conftest import SPECIAL_TEXTS
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,13 @@ def test_windows_cover_every_word_once_and_respect_the_budget():
         owned.extend(range(w.own_lo, w.own_hi))
     assert owned == list(range(len(counts)))
     assert plan_windows([3, 4], max_tokens=12, overlap=0.5)[0].own_hi == 2
+
+
+def test_decoding_batches_bound_texts_and_padded_words():
+    lengths = [1] * 5 + [10] * 4 + [40, 400]
+    batches = decode_batches(list(range(len(lengths))), lengths, rows=3, cells=40)
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9], [10]]  # the 400-word text alone, over the budget
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
 
 
 def test_results_do_not_depend_on_batch_company(pipeline_run):
@@ -170,7 +177,7 @@ def test_entity_offsets_are_exact_code_point_slices(pipeline_run, monkeypatch, t
 def test_the_runtime_stops_spinning_when_its_calls_return(pipeline_run):
     """An idle runtime (the service between requests, a loop waiting for jobs) must not keep its ONNX Runtime
     threads spin-waiting for work that is not coming: on a small box they hold the cores the event loop needs."""
-    from pipeline.runtime.inference import NerRuntime
+    from pipeline.runtime.inference import NerRuntime, decode_batches
 
     for quantized in (False, True):
         runtime = NerRuntime(pipeline_run.path("onnx_dir"), quantized=quantized, threads=2)
@@ -211,6 +218,9 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     assert metrics["int8_scheme"]["blockwise_matmuls"] == len(blockwise)
     assert metrics["int8_scheme"]["dynamic_matmuls"] > 0 and metrics["int8_scheme"]["smoothed_inputs"] > 0
     assert metrics["int8_scheme"]["quantized_attention"] == layers == sum(n.op_type == "QAttention" for n in int8)
+    # the dense layers' biases ride in their int8 MatMuls (bias_fold.py), in both int8 graphs
+    assert metrics["int8_scheme"]["folded_biases"] == 3 * layers == metrics["int8_avx2"]["int8_scheme"]["folded_biases"]
+    assert "BiasGelu" not in ops and "Gelu" in ops
     assert metrics["int8_vs_fp32_test"]["sequences"] > 0
 
 
@@ -293,6 +303,45 @@ def test_smoothing_rewrite_leaves_the_fp32_function_unchanged(pipeline_run, tmp_
     smoothed = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"])
     for feed in feeds:
         np.testing.assert_allclose(smoothed.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_folding_int8_biases_into_their_matmuls_keeps_every_emission_bit_for_bit(pipeline_run, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.core.conll import read_conll
+    from pipeline.modeling.bias_fold import fold_int8_biases
+    from pipeline.modeling.export import (calibration_feeds, export_onnx, fuse_transformer, optimize_for_cpu,
+                                          prepare_int8, quantize_int8)
+    from pipeline.modeling.layernorm import split_layer_norms
+    from pipeline.modeling.model import load_model
+
+    model, _ = load_model(pipeline_run.path("model_dir"))
+    export_onnx(model, tmp_path / "raw.onnx", opset=17)
+    config = model.bert.config
+    fuse_transformer(tmp_path / "raw.onnx", tmp_path / "fused.onnx", config.num_attention_heads, config.hidden_size)
+    typed, _ = prepare_int8(tmp_path / "fused.onnx", tmp_path)
+    quantize_int8(typed, tmp_path / "int8.onnx", tmp_path, blockwise=[])
+    optimize_for_cpu(tmp_path / "int8.onnx", tmp_path / "served.onnx")
+    split_layer_norms(tmp_path / "served.onnx", tmp_path / "served.onnx")
+    layers = config.num_hidden_layers
+    # attention output and feed-forward output (an Add each) and the intermediate (a BiasGelu) of every layer
+    assert fold_int8_biases(tmp_path / "served.onnx", tmp_path / "folded.onnx") == 3 * layers
+    before = onnx.load(str(tmp_path / "served.onnx")).graph.node
+    after = onnx.load(str(tmp_path / "folded.onnx")).graph.node
+    assert sum(n.op_type == "BiasGelu" for n in before) == layers and "BiasGelu" not in {n.op_type for n in after}
+    assert sum(n.op_type == "Add" for n in before) - sum(n.op_type == "Add" for n in after) == 2 * layers
+    sentences = list(read_conll(pipeline_run.path("conll_dir") / "dev.conll"))[:40]
+    feeds = calibration_feeds(model, sentences, pipeline_run.path("onnx_dir"), batch_size=16)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the runtime loads them
+    sessions = [ort.InferenceSession(str(tmp_path / name), options, providers=["CPUExecutionProvider"])
+                for name in ("served.onnx", "folded.onnx")]
+    for feed in feeds:
+        np.testing.assert_array_equal(sessions[1].run(None, feed)[0], sessions[0].run(None, feed)[0])
+    # nothing to fold in fp32, and a folded graph has nothing left to fold
+    assert fold_int8_biases(pipeline_run.path("onnx_dir") / "model.onnx", tmp_path / "fp32.onnx") == 0
+    assert fold_int8_biases(tmp_path / "folded.onnx", tmp_path / "again.onnx") == 0
 
 
 def test_a_non_default_window_overlap_plans_the_same_windows_in_training_evaluation_and_serving(pipeline_run,

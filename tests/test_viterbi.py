@@ -32,6 +32,24 @@ def test_numpy_viterbi_equals_torchcrf_decode_with_ragged_masks(seed):
     assert paths == expected
 
 
+def test_numpy_viterbi_breaks_ties_like_torchcrf():
+    """Scores of -1, 0 and 1 everywhere: many paths tie, and each tie must go the same way as torchcrf's."""
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        crf, params = random_crf(num_tags=5, seed=seed)
+        with torch.no_grad():
+            for p in crf.parameters():
+                p.copy_(torch.from_numpy(rng.integers(-1, 2, size=tuple(p.shape)).astype(np.float32)))
+        params = CrfParams(crf.start_transitions.detach().numpy(), crf.end_transitions.detach().numpy(),
+                           crf.transitions.detach().numpy())
+        lengths = rng.integers(1, 10, size=7)
+        lengths[0] = 9
+        mask = np.arange(9)[None, :] < lengths[:, None]
+        emissions = rng.integers(-1, 2, size=(7, 9, 5)).astype(np.float32)
+        paths, _ = viterbi_decode(emissions, mask, params)
+        assert paths == crf.decode(torch.from_numpy(emissions), mask=torch.from_numpy(mask)), seed
+
+
 def test_marginals_and_partition_match_brute_force():
     rng = np.random.default_rng(0)
     crf, params = random_crf(num_tags=3, seed=1)

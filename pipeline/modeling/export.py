@@ -57,6 +57,7 @@ from pipeline.core.cpu import cpu_info, describe
 from pipeline.core.encoding import load_tokenizer
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import score
+from pipeline.modeling.bias_fold import fold_int8_biases
 from pipeline.modeling.data import collate, make_examples
 from pipeline.modeling.layernorm import split_layer_norms
 from pipeline.modeling.model import LABELS, BertBiLstmCrf, load_model
@@ -123,10 +124,12 @@ def optimize_for_cpu(src: Path, dst: Path) -> None:
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
-def optimize_for_serving(src: Path, dst: Path, split: bool) -> int:
-    """``optimize_for_cpu``, then (``split``) each fused LayerNorm as plain ops; returns how many were split."""
+def optimize_for_serving(src: Path, dst: Path, split: bool) -> dict[str, int]:
+    """``optimize_for_cpu``, then (``split``) each fused LayerNorm as plain ops, then the int8 MatMuls' biases
+    into the MatMuls; returns how many LayerNorms were split and how many biases folded."""
     optimize_for_cpu(src, dst)
-    return split_layer_norms(dst, dst) if split else 0
+    split_count = split_layer_norms(dst, dst) if split else 0
+    return {"split_layer_norms": split_count, "folded_biases": fold_int8_biases(dst, dst)}
 
 
 def calibration_feeds(model: BertBiLstmCrf, sentences: list[Sentence], model_dir: Path,
@@ -339,7 +342,8 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
             fp32_src = work / "fused.onnx"
             bert = model.bert.config
             metrics["fused_ops"] = fuse_transformer(raw, fp32_src, bert.num_attention_heads, bert.hidden_size)
-        metrics["split_layer_norms"] = optimize_for_serving(fp32_src, out / MODEL_FILE, config.split_layer_norms)
+        metrics["split_layer_norms"] = optimize_for_serving(fp32_src, out / MODEL_FILE,
+                                                            config.split_layer_norms)["split_layer_norms"]
         (out / CRF_FILE).write_text(json.dumps(crf_dict(model, labels["tags"])) + "\n")
         (out / LABELS).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
         for name in TOKENIZER_FILES:
@@ -372,7 +376,8 @@ def export(model_dir: str | Path, onnx_dir: str | Path, conll_dir: str | Path, m
             typed, smoothing = prepare_int8(fp32_src, work, config.int8_smooth, feeds)
             for name, key, scheme in int8_graphs(config):
                 figures = {"int8_scheme": {**quantize_int8(typed, work / "int8.onnx", work, **scheme), **smoothing}}
-                optimize_for_serving(work / "int8.onnx", out / name, config.split_layer_norms)
+                figures["int8_scheme"]["folded_biases"] = optimize_for_serving(
+                    work / "int8.onnx", out / name, config.split_layer_norms)["folded_biases"]
                 int8 = NerRuntime(out, threads=config.threads, onnx_file=name)
                 figures.update(int8_figures(runtime, int8, dev, test, labels["scheme"]))
                 figures["int8_mb"] = round((out / name).stat().st_size / 2**20, 2)

@@ -25,23 +25,27 @@ import numpy as np
 UNCERTAINTIES = ("sequence", "min_entity", "entropy")
 
 
+def word_entropies(probs: np.ndarray) -> np.ndarray:
+    """Entropy of each word's tag marginals, over the last axis of ``probs`` (padded words: 0)."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1)
+
+
 def confidences(path: list[int], probs: np.ndarray, sequence_prob: float, entity_scores: list[float],
-                outside: int | None) -> dict[str, float]:
+                outside: int | None, entropies: np.ndarray | None = None) -> dict[str, float]:
     """The three confidences of one decoded text.
 
     ``path``: decoded tag ids per word; ``probs``: (words, tags) marginals; ``entity_scores``: the mean
-    marginal of each predicted entity; ``outside``: the id of the ``O`` tag (None if the tag set has none).
+    marginal of each predicted entity; ``outside``: the id of the ``O`` tag (None if the tag set has none);
+    ``entropies``: :func:`word_entropies` of ``probs`` where the caller has them already (a whole batch's at once).
     """
     n, tags = probs.shape[0], probs.shape[1]
     if n == 0:
         return {name: 1.0 for name in UNCERTAINTIES}
     weakest = min(entity_scores, default=1.0)
-    if outside is not None:
-        decoded_o = np.asarray(path) == outside
-        if decoded_o.any():
-            weakest = min(weakest, float(probs[decoded_o, outside].min()))
-    p = np.clip(probs, 1e-12, 1.0)
-    mean_entropy = float(-(p * np.log(p)).sum(axis=1).mean())
+    if outside is not None and outside in path:
+        weakest = min(weakest, float(probs[:, outside][np.asarray(path) == outside].min()))
+    mean_entropy = float((word_entropies(probs) if entropies is None else entropies[:n]).mean())
     entropy_conf = 1.0 - mean_entropy / math.log(tags) if tags > 1 else 1.0
     return {"sequence": round(sequence_prob, 6), "min_entity": round(min(max(weakest, 0.0), 1.0), 6),
             "entropy": round(min(max(entropy_conf, 0.0), 1.0), 6)}
