@@ -34,6 +34,7 @@ def viterbi_decode(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> t
     mask = mask.astype(bool)
     batch, steps, tags = emissions.shape
     trans = crf.transitions  # (from, to)
+    every_row_real = mask.all(axis=0)
     score = crf.start[None, :] + emissions[:, 0]
     before = np.empty((steps, batch, tags), dtype=np.float32)  # before[t]: the scores that step t + 1 extends
     for t in range(1, steps):
@@ -41,7 +42,8 @@ def viterbi_decode(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> t
         # candidates as (from, batch, to), laid out in that order: the max over the first axis is element-wise
         # over contiguous slabs, 5x faster in numpy than a max and argmax over a short middle axis
         best = np.add(score.T[:, :, None], trans[:, None, :], order="C").max(axis=0)
-        score = np.where(mask[:, t, None], best + emissions[:, t], score)
+        best += emissions[:, t]
+        score = best if every_row_real[t] else np.where(mask[:, t, None], best, score)
     score = score + crf.end[None, :]
     lengths = mask.sum(axis=1)
     tag = score.argmax(axis=1)
@@ -52,7 +54,7 @@ def viterbi_decode(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> t
         # the back-pointer of each row's own tag only: the same float32 sums as the forward pass's candidates,
         # so the same first maximum; a row moves only once t is before its last step
         previous = (before[t] + trans[:, tag].T).argmax(axis=1)
-        tag = np.where(t < lengths - 1, previous, tag)
+        tag = previous if every_row_real[t + 1] else np.where(t < lengths - 1, previous, tag)
         path_tags[:, t] = tag
     paths = [row[:n].tolist() for row, n in zip(path_tags, lengths.tolist())]
     return paths, score.max(axis=1)
@@ -89,7 +91,7 @@ def marginals(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> tuple[
         a = (alpha[:, t - 1] @ trans) * scaled_e[:, t]
         c = a.sum(axis=1)
         if every_row_real[t]:
-            alpha[:, t] = a / c[:, None]
+            np.divide(a, c[:, None], out=alpha[:, t])
             norms[:, t] = c
         else:  # finished rows carry their last alpha forward and add no scale
             real = m[:, t]
@@ -104,6 +106,7 @@ def marginals(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> tuple[
     beta[:, steps - 1] = end[None, :]
     ends_at = np.zeros((batch, steps), dtype=bool)
     ends_at[np.arange(batch), last] = True
+    some_row_ends = ends_at.any(axis=0)
     for t in range(steps - 2, -1, -1):
         b = (scaled_e[:, t + 1] * beta[:, t + 1]) @ trans.T
         b /= b.sum(axis=1, keepdims=True)
@@ -111,7 +114,7 @@ def marginals(emissions: np.ndarray, mask: np.ndarray, crf: CrfParams) -> tuple[
             beta[:, t] = b
         else:
             beta[:, t] = np.where(m[:, t + 1, None], b, beta[:, t + 1])
-        if ends_at[:, t].any():
+        if some_row_ends[t]:
             beta[:, t] = np.where(ends_at[:, t, None], end[None, :], beta[:, t])
     probs = alpha * beta
     probs /= np.maximum(probs.sum(axis=2, keepdims=True), 1e-300)
