@@ -26,7 +26,7 @@ UNCERTAINTIES = ("sequence", "min_entity", "entropy")
 
 
 def word_entropies(probs: np.ndarray) -> np.ndarray:
-    """Entropy of each word's tag marginals, over the last axis of ``probs`` (padded words: 0)."""
+    """Entropy of each word's tag marginals, over the last axis of ``probs`` (padded words, all-zero marginals: ~0)."""
     p = np.clip(probs, 1e-12, 1.0)
     return -(p * np.log(p)).sum(axis=-1)
 
