@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.encoding import Window, plan_windows, texts_word_pieces, window_inputs, word_pieces
 from pipeline.core.words import split_words
-from pipeline.runtime.inference import NerRuntime, decode_batches
+from pipeline.runtime.inference import NerRuntime, length_batches
 from tests.conftest import SPECIAL_TEXTS
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ def test_windows_cover_every_word_once_and_respect_the_budget():
     assert plan_windows([3, 4], max_tokens=12, overlap=0.5)[0].own_hi == 2
 
 
-def test_decoding_batches_bound_texts_and_padded_words():
+def test_length_batches_bound_items_and_padded_cells():
     lengths = [1] * 5 + [10] * 4 + [40, 400]
-    batches = decode_batches(list(range(len(lengths))), lengths, rows=3, cells=40)
+    batches = length_batches(list(range(len(lengths))), lengths, rows=3, cells=40)
     assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9], [10]]  # the 400-word text alone, over the budget
     assert [i for b in batches for i in b] == list(range(len(lengths)))
 
@@ -177,7 +177,7 @@ def test_entity_offsets_are_exact_code_point_slices(pipeline_run, monkeypatch, t
 def test_the_runtime_stops_spinning_when_its_calls_return(pipeline_run):
     """An idle runtime (the service between requests, a loop waiting for jobs) must not keep its ONNX Runtime
     threads spin-waiting for work that is not coming: on a small box they hold the cores the event loop needs."""
-    from pipeline.runtime.inference import NerRuntime, decode_batches
+    from pipeline.runtime.inference import NerRuntime, length_batches
 
     for quantized in (False, True):
         runtime = NerRuntime(pipeline_run.path("onnx_dir"), quantized=quantized, threads=2)
@@ -198,6 +198,8 @@ def test_served_graphs_were_optimized_once_at_export(pipeline_run):
     assert session_options(optimized=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     fp32 = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
     assert "Attention" in fp32
+    # words and the BiLSTM's reversals are row copies (model.gather_rows), not an int64 index as large as the states
+    assert "Gather" in fp32 and not fp32 & {"GatherElements", "Expand"}
     # every LayerNorm served as plain ops (ORT's CPU LayerNorm kernels are the slow way), in each graph
     layers = json.loads((folder / "model_info.json").read_text())["encoder_layers"]
     metrics = json.loads(pipeline_run.path("export_metrics").read_text())

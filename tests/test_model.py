@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.errors import ModelLoadError
-from pipeline.modeling.model import HeadConfig, LengthAwareBiLSTM, build_model, load_encoder_weights
+from pipeline.modeling.model import HeadConfig, LengthAwareBiLSTM, build_model, gather_rows, load_encoder_weights
 from pipeline.modeling.optim import build_optimizer, build_scheduler
 
 
@@ -47,6 +47,18 @@ def test_bilstm_output_does_not_depend_on_padding():
     batch = torch.cat([padded, torch.randn(1, 11, 6)])
     together = lstm(batch, torch.tensor([4, 11]))
     torch.testing.assert_close(together[0, :4], alone[0])
+
+
+def test_row_gather_equals_torch_gather_in_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    index = torch.tensor([[0, 2, 6, 0], [1, 1, 0, 0], [6, 5, 4, 3]])  # repeats, as padded word indices are
+    expanded = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, 5))
+    rows = gather_rows(x, index)
+    assert torch.equal(rows, expanded)
+    weights = torch.randn(3, 4, 5)
+    assert torch.equal(torch.autograd.grad((rows * weights).sum(), x)[0],
+                       torch.autograd.grad((expanded * weights).sum(), x)[0])
 
 
 def test_optimizer_groups_rates_and_no_decay_on_bias_and_layernorm(tiny_encoder):

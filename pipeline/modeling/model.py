@@ -44,6 +44,17 @@ class HeadConfig:
     window_overlap: float = DEFAULT_WINDOW_OVERLAP  # windows of texts over max_length (train, eval, serve)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for every ``b, j``: (batch, n, features) rows of a (batch, steps, features) tensor.
+
+    One ``index_select`` over the flattened rows, which exports to one ONNX ``Gather`` (a copy per row);
+    ``torch.gather`` with an expanded index exports to ``Expand`` + ``GatherElements``, which builds an int64
+    index as large as the output (32 windows of 512 tokens: 50 MB) and reads it element by element."""
+    batch, steps, features = x.shape
+    flat = index + torch.arange(batch, device=x.device).unsqueeze(1) * steps
+    return torch.index_select(x.reshape(batch * steps, features), 0, flat.reshape(-1)).reshape(batch, -1, features)
+
+
 class LengthAwareBiLSTM(nn.Module):
     """A BiLSTM whose outputs do not depend on right padding.
 
@@ -69,7 +80,7 @@ class LengthAwareBiLSTM(nn.Module):
         steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         lengths = lengths.unsqueeze(1)
         index = torch.where(steps < lengths, lengths - 1 - steps, steps)
-        return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return gather_rows(x, index)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         for i, (fwd, bwd) in enumerate(zip(self.forward_layers, self.backward_layers)):
@@ -100,7 +111,7 @@ class BertBiLstmCrf(nn.Module):
         # explicit zeros: BERT's buffered token types would bake the position limit into the ONNX graph
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        words = torch.gather(hidden, 1, word_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        words = gather_rows(hidden, word_index)
         lengths = word_mask.sum(dim=1)
         features = self.lstm(self.dropout(words), lengths)
         return self.classifier(self.dropout(features))

@@ -47,6 +47,11 @@ INFO_FILE = "model_info.json"
 # loads such files with optimizations off, so nothing is rebuilt at load and the served graph is the one
 # export checked. Folders exported before this (no ``graph_optimized`` in model_info.json) are optimized at load.
 OPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+# Sub-tokens (windows x the longest) per ONNX run at most: what bounds the encoder's activations, its attention
+# scores above all (heads x tokens^2 a window). Tweets fill runs of 32 windows within it; 512-token windows go 8 to a
+# run. 8 long texts (538k characters) in runs of 32 such windows peaked at 1,311 MB RSS (int8, AMD EPYC Zen 4), in
+# runs of 8 at 493 MB, at the same speed (29.6 vs 28.9 s).
+RUN_TOKENS = 4096
 # Viterbi and marginals run in numpy with one Python step per word, over batches of texts of similar length: the
 # more texts a step covers, the less its overhead weighs (2,000 tweets: 87 ms of decoding in batches of 32, 60 ms
 # in batches of 128 on an AMD EPYC Zen 4). ``DECODE_CELLS`` (texts x words) bounds a batch's float64 forward and
@@ -85,10 +90,10 @@ def int8_file(model_dir: Path, vnni: bool) -> str:
     return QUANTIZED_FILE
 
 
-def decode_batches(order: list[int], lengths: list[int], rows: int = DECODE_ROWS,
-                   cells: int = DECODE_CELLS) -> list[list[int]]:
-    """``order`` (texts sorted by ``lengths``, their word counts) cut into decoding batches: up to ``rows`` texts
-    and ``cells`` padded words (texts x the longest) each, one text at least (a long text alone)."""
+def length_batches(order: list[int], lengths: list[int], rows: int, cells: int) -> list[list[int]]:
+    """``order`` (items sorted by ``lengths``) cut into padded batches: up to ``rows`` items and ``cells`` (items x
+    the longest) each, one item at least (a long one alone). ONNX runs (windows, sub-tokens) and decoding batches
+    (texts, words)."""
     batches: list[list[int]] = []
     for i, n in zip(order, lengths):
         if batches and len(batches[-1]) < rows and (len(batches[-1]) + 1) * n <= cells:
@@ -161,7 +166,7 @@ class NerRuntime:
 
     def __init__(self, model_dir: str | Path, *, quantized: bool = False, threads: int = 0,
                  max_tokens: int = 512, batch_size: int = 32, onnx_file: str | None = None,
-                 spin_after_call: bool = False) -> None:
+                 spin_after_call: bool = False, run_tokens: int = RUN_TOKENS) -> None:
         self.model_dir = Path(model_dir)
         card = ModelCard.read(self.model_dir, quantized, onnx_file)
         onnx_path = card.onnx_path
@@ -175,7 +180,8 @@ class NerRuntime:
         self.tokenizer, self.specials = load_tokenizer(self.model_dir)
         self.max_tokens = min(max_tokens, int(self.info.get("max_length", 512))) - 2
         self.window_overlap = float(self.info.get("window_overlap", DEFAULT_WINDOW_OVERLAP))  # as trained
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # windows per ONNX run, at most
+        self.run_tokens = run_tokens    # and sub-tokens (windows x the longest) per run, at most: RUN_TOKENS
         self.onnx_path = onnx_path
         options = session_options(threads, optimized=bool(self.info.get("graph_optimized")),
                                   spin_after_call=spin_after_call)
@@ -227,7 +233,7 @@ class NerRuntime:
     def _decode_batches(self, emissions: list[np.ndarray], with_marginals: bool = True):
         """Viterbi (and marginals) over length-sorted, padded batches: numpy per batch, not per text."""
         order = sorted((i for i, em in enumerate(emissions) if len(em)), key=lambda i: len(emissions[i]))
-        for idx in decode_batches(order, [len(emissions[i]) for i in order]):
+        for idx in length_batches(order, [len(emissions[i]) for i in order], DECODE_ROWS, DECODE_CELLS):
             width = len(emissions[idx[-1]])
             em = np.zeros((len(idx), width, len(self.tags)), dtype=np.float32)
             mask = np.zeros((len(idx), width), dtype=bool)
@@ -243,8 +249,8 @@ class NerRuntime:
         jobs = self.encode(words)
         emissions = [np.zeros((len(ws), len(self.tags)), dtype=np.float32) for ws in words]
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j].input_ids))
-        for lo in range(0, len(order), self.batch_size):
-            batch = [jobs[j] for j in order[lo:lo + self.batch_size]]
+        for run in length_batches(order, [len(jobs[j].input_ids) for j in order], self.batch_size, self.run_tokens):
+            batch = [jobs[j] for j in run]
             for job, em in zip(batch, self._run(batch)):
                 w = job.window
                 emissions[job.text_index][w.own_lo:w.own_hi] = em[w.own_lo - w.lo:w.own_hi - w.lo]
