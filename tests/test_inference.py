@@ -35,6 +35,21 @@ def test_length_batches_bound_items_and_padded_cells():
     assert [i for b in batches for i in b] == list(range(len(lengths)))
 
 
+def test_onnx_runs_hold_at_most_run_tokens_and_give_the_same_emissions(pipeline_run):
+    """A long document's windows are cut into runs of at most ``run_tokens`` sub-tokens (windows x the longest):
+    what bounds the encoder's activations; the emissions do not depend on it."""
+    texts = [" ".join(f"w{i} Paris" for i in range(n)) for n in (3, 40, 400, 900)]
+    words = [t.split() for t in texts]
+    wide = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=32, run_tokens=10_000)
+    tight = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=32, run_tokens=200)
+    runs = []
+    original = tight._run
+    tight._run = lambda batch: runs.append(len(batch) * max(len(w.input_ids) for w in batch)) or original(batch)
+    for a, b in zip(wide.word_emissions(words), tight.word_emissions(words)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert len(runs) > 3 and max(runs) <= 200
+
+
 def test_results_do_not_depend_on_batch_company(pipeline_run):
     runtime = NerRuntime(pipeline_run.path("onnx_dir"), batch_size=8)
     text = "Barack Obama met Angela Merkel in Berlin"
