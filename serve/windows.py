@@ -3,9 +3,10 @@
 ``NerRuntime.predict`` runs a list of texts from start to end: words, windows, ONNX runs sorted by length,
 Viterbi. A service that ran each request that way made a one-tweet request wait behind all the windows of a
 request with two 100k-character texts. :class:`ServingRuntime` splits the same steps: :meth:`plan` (texts into
-windows), :meth:`run_windows` (any mix of windows from any plans, sorted by length, in ONNX runs of
-``batch_size``), :meth:`finish` (Viterbi and spans for plans whose windows all ran, decoded together). A plan
-run alone in chunks of a multiple of ``batch_size`` windows gives exactly ``predict``'s ONNX batches.
+windows), :meth:`run_windows` (any mix of windows from any plans, sorted by length, in ONNX runs of at most
+``batch_size`` windows and ``run_tokens`` sub-tokens), :meth:`finish` (Viterbi and spans for plans whose windows
+all ran, decoded together). A plan run alone in chunks of a multiple of ``batch_size`` windows gives exactly
+``predict``'s ONNX batches.
 
 While the service's two lanes both run (a tweet beside a long text's windows), each call runs on a second ONNX
 Runtime session with half the threads (``run_windows(..., narrow=True)``; :class:`serve.lanes.CoreShare`
@@ -115,16 +116,9 @@ class ServingRuntime(NerRuntime):
         return len(window.input_ids)
 
     def run_windows(self, windows: list[EncodedWindow], narrow: bool = False) -> list[np.ndarray]:
-        """Each window's emissions, in input order; ONNX runs of ``batch_size`` windows sorted by length, on the
-        narrow session (half the threads) if ``narrow``."""
-        runner = self.narrow() if narrow else self
-        order = sorted(range(len(windows)), key=lambda j: self.window_tokens(windows[j]))
-        out: list[np.ndarray] = [np.empty(0)] * len(windows)
-        for lo in range(0, len(order), self.batch_size):
-            idx = order[lo:lo + self.batch_size]
-            for j, em in zip(idx, runner._run([windows[j] for j in idx])):
-                out[j] = em
-        return out
+        """:meth:`NerRuntime.run_windows` (the same runs as ``predict``), on the narrow session (half the threads)
+        if ``narrow``."""
+        return super(ServingRuntime, self.narrow() if narrow else self).run_windows(windows)
 
     def finish(self, plans: list[Plan]) -> list[list[TextPrediction]]:
         """The predictions of plans whose windows all ran: decoded together (numpy batches), split per plan."""

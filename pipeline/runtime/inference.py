@@ -248,13 +248,21 @@ class NerRuntime:
         """Per-word emissions; long texts are windowed, each word read where it is most central."""
         jobs = self.encode(words)
         emissions = [np.zeros((len(ws), len(self.tags)), dtype=np.float32) for ws in words]
-        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j].input_ids))
-        for run in length_batches(order, [len(jobs[j].input_ids) for j in order], self.batch_size, self.run_tokens):
-            batch = [jobs[j] for j in run]
-            for job, em in zip(batch, self._run(batch)):
-                w = job.window
-                emissions[job.text_index][w.own_lo:w.own_hi] = em[w.own_lo - w.lo:w.own_hi - w.lo]
+        for job, em in zip(jobs, self.run_windows(jobs)):
+            w = job.window
+            emissions[job.text_index][w.own_lo:w.own_hi] = em[w.own_lo - w.lo:w.own_hi - w.lo]
         return emissions
+
+    def run_windows(self, windows: list[EncodedWindow]) -> list[np.ndarray]:
+        """Each window's emissions, in input order: ONNX runs of windows sorted by length, at most ``batch_size``
+        windows and ``run_tokens`` sub-tokens (windows x the longest) each."""
+        order = sorted(range(len(windows)), key=lambda j: len(windows[j].input_ids))
+        out: list[np.ndarray] = [np.empty(0)] * len(windows)
+        for run in length_batches(order, [len(windows[j].input_ids) for j in order], self.batch_size,
+                                  self.run_tokens):
+            for j, em in zip(run, self._run([windows[j] for j in run])):
+                out[j] = em
+        return out
 
     def encode(self, words: list[list[str]]) -> list[EncodedWindow]:
         """The encoder windows of each text: ``[CLS] sub-tokens [SEP]``, at most ``max_tokens`` long."""
